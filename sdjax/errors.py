@@ -1,0 +1,25 @@
+"""Specific exceptions. Every message names the file, key or argument at fault and what to do."""
+
+
+class SdjaxError(Exception):
+    """Base class of every error sdjax raises on purpose."""
+
+
+class ConfigError(SdjaxError, ValueError):
+    """A model or experiment config has a missing, unknown or unsupported key."""
+
+
+class WeightsError(SdjaxError, ValueError):
+    """A checkpoint is missing, unreadable, or does not match the model it should fill."""
+
+
+class MissingComponentError(WeightsError, FileNotFoundError):
+    """A diffusers folder lacks a component (unet/, vae/, text_encoder/, tokenizer/, ...)."""
+
+
+class OfflineError(SdjaxError, OSError):
+    """A hub id was given but the hub cannot be reached (offline mode or no network)."""
+
+
+class InvalidArgumentError(SdjaxError, ValueError):
+    """A function argument is out of range or inconsistent with the others."""
