@@ -1,0 +1,142 @@
+"""Tensor files: safetensors (read and written here, bfloat16 included) and PyTorch pickles (read via torch).
+
+A component folder holds its weights as one of (diffusers and transformers names, optional variant such as
+"fp16" before the extension):
+    diffusion_pytorch_model[.variant].safetensors | model[.variant].safetensors
+    ...safetensors.index.json + shards               (sharded checkpoints)
+    diffusion_pytorch_model[.variant].bin | pytorch_model[.variant].bin   (needs torch)
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from sdjax.errors import WeightsError
+
+_DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """All tensors of a .safetensors file as numpy arrays (copied out of a read-only memory map)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise WeightsError(f"{path}: not a safetensors file ({size} bytes; the file is truncated or empty)")
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if 8 + header_len > size:
+            raise WeightsError(f"{path}: truncated safetensors file (header says {header_len} bytes, "
+                               f"the file has {size}); download or copy it again")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise WeightsError(f"{path}: corrupt safetensors header ({err})") from err
+        header.pop("__metadata__", None)
+        data_start = 8 + header_len
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+            return {name: _tensor(path, name, info, buffer, data_start, size) for name, info in header.items()}
+
+
+def _tensor(path, name, info, buffer, data_start, size) -> np.ndarray:
+    try:
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{path}: malformed header entry for tensor {name!r}: {info!r}") from err
+    if data_start + end > size:
+        raise WeightsError(f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} "
+                           f"bytes; the file is truncated, download or copy it again")
+    count = int(np.prod(shape, dtype=np.int64))
+    if end - begin != count * dtype.itemsize:
+        raise WeightsError(f"{path}: tensor {name!r} has {end - begin} bytes, shape {shape} needs "
+                           f"{count * dtype.itemsize}")
+    return np.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin).reshape(shape).copy()
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None):
+    """Write tensors as .safetensors, atomically: a crash never leaves a half-written file at `path`."""
+    header, offset = {}, 0
+    arrays = {name: np.ascontiguousarray(value) for name, value in sorted(tensors.items())}
+    for name, value in arrays.items():
+        if value.dtype not in _CODES:
+            raise WeightsError(f"cannot write tensor {name!r} of dtype {value.dtype} to safetensors")
+        header[name] = {"dtype": _CODES[value.dtype], "shape": list(value.shape),
+                        "data_offsets": [offset, offset + value.nbytes]}
+        offset += value.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
+    temporary = Path(f"{path}.partial")
+    with open(temporary, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for value in arrays.values():
+            f.write(value.tobytes())
+    os.replace(temporary, path)
+
+
+def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch .bin/.pt/.ckpt state dict, loaded safely (`weights_only=True`); needs torch."""
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError(f"{path} is a PyTorch pickle and torch is not installed; install torch or convert "
+                           f"the checkpoint to .safetensors") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
+        raise WeightsError(f"{path}: cannot read PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    state = state.get("state_dict", state)
+    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
+    """The weight file(s) of a component folder, safetensors preferred, honouring a variant like "fp16"."""
+    suffix = f".{variant}" if variant else ""
+    for extension in (".safetensors", ".bin"):
+        for stem in _WEIGHT_STEMS:
+            single = folder / f"{stem}{suffix}{extension}"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}{suffix}{extension}.index.json"
+            if index.is_file():
+                return _shards(index)
+    found = sorted(p.name for p in folder.glob("*") if p.suffix in (".safetensors", ".bin"))
+    wanted = f" for variant {variant!r}" if variant else ""
+    raise WeightsError(f"{folder}: no weight file{wanted} (looked for "
+                       f"{{{', '.join(_WEIGHT_STEMS)}}}{suffix}.safetensors or .bin); found: {found or 'nothing'}")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as err:
+        raise WeightsError(f"{index}: not a valid shard index (needs a 'weight_map')") from err
+    shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise WeightsError(f"{index}: shard {shard.name} is listed but missing from {index.parent}")
+    return shards
+
+
+def read_weights(files: list[Path]) -> dict[str, np.ndarray]:
+    """Merge the state dicts of one component's weight files."""
+    state: dict[str, np.ndarray] = {}
+    for file in files:
+        state.update(read_safetensors(file) if file.suffix == ".safetensors" else read_torch_pickle(file))
+    return state
