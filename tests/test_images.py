@@ -1,0 +1,40 @@
+"""PNG metadata in the A1111 format (read back with PIL, as other tools do), grids, and output-path errors."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import images
+from sdjax.errors import InvalidArgumentError
+
+
+def test_png_carries_a1111_parameters(tmp_path):
+    text = images.a1111_parameters("a cat", "blurry", {"Steps": 20, "Sampler": "euler", "CFG scale": 7.5,
+                                                       "Seed": 42, "Size": "64x48", "Schedule type": None})
+    assert text == "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: euler, CFG scale: 7.5, Seed: 42, Size: 64x48"
+    picture = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    path = images.save_png(tmp_path / "out.png", picture, text)
+    with Image.open(path) as reopened:
+        assert reopened.text["parameters"] == text
+        np.testing.assert_array_equal(np.asarray(reopened), picture)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+
+
+def test_output_in_a_missing_folder_is_refused_without_leftovers(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="output folder .*missing.* does not exist"):
+        images.save_png(tmp_path / "missing" / "out.png", np.zeros((8, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_grid_places_images_row_by_row():
+    tiles = np.stack([np.full((2, 3, 3), i, np.uint8) for i in range(5)])
+    canvas = images.grid(tiles, columns=3)
+    assert canvas.shape == (4, 9, 3)
+    assert canvas[0, 3, 0] == 1 and canvas[2, 0, 0] == 3 and canvas[2, 3, 0] == 4 and canvas[2, 6, 0] == 0
+
+
+def test_load_image_errors_name_the_file(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="nope.png does not exist"):
+        images.load_image(tmp_path / "nope.png")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(InvalidArgumentError, match="bad.png: cannot read image"):
+        images.load_image(tmp_path / "bad.png")
