@@ -4,3 +4,21 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def sd1_folder(tmp_path_factory):
+    """(folder, torch StableDiffusionPipeline) of a tiny SD1-like model (epsilon, PNDM, quick_gelu)."""
+    from tests import fixtures
+    folder = tmp_path_factory.mktemp("sd1") / "model"
+    return folder, fixtures.save_pipeline_folder(fixtures.SD1, folder)
+
+
+@pytest.fixture(scope="session")
+def sd2_folder(tmp_path_factory):
+    """(folder, torch StableDiffusionPipeline) of a tiny SD2-like model (v-prediction, linear proj, gelu)."""
+    from tests import fixtures
+    folder = tmp_path_factory.mktemp("sd2") / "model"
+    return folder, fixtures.save_pipeline_folder(fixtures.SD2, folder)

@@ -17,7 +17,7 @@ from sdjax.errors import ConfigError
 # (training-only dropout/init settings, token ids, bookkeeping).
 _INERT_KEYS = frozenset({
     "sample_size", "dropout", "attention_dropout", "initializer_range", "initializer_factor", "force_upcast",
-    "pad_token_id", "bos_token_id", "eos_token_id", "torch_dtype", "dtype", "transformers_version", "architectures",
+    "pad_token_id", "bos_token_id", "torch_dtype", "dtype", "transformers_version", "architectures",
     "model_type", "projection_dim", "latents_mean", "latents_std", "output_attentions", "output_hidden_states",
     "use_return_dict", "return_dict", "_name_or_path", "hidden_dropout_prob",
 })
@@ -168,6 +168,9 @@ class CLIPTextConfig(_Config):
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
+    # Picks the pooled (end-of-text) position. 2 is the legacy value in SD's configs, which transformers reads
+    # as "pool at the argmax of the ids"; any other value pools at that token's first occurrence.
+    eos_token_id: int = 49407
 
     def __post_init__(self):
         if self.hidden_act not in ("quick_gelu", "gelu"):

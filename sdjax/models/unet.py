@@ -1,0 +1,132 @@
+"""UNet2DConditionModel for SD 1.x / 2.x (diffusers' architecture and parameter names, NHWC).
+
+`down_block_kwargs` / `mid_block_kwargs` describe the down path from a config, so ControlNet can build the
+same blocks under the same names.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from sdjax.errors import ConfigError
+from sdjax.models.configs import UNetConfig
+from sdjax.models.layers import (DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2D, make_conv, make_group_norm,
+                                 timestep_embedding)
+
+_DOWN_TYPES = {"CrossAttnDownBlock2D": True, "DownBlock2D": False}  # value: has cross-attention
+_UP_TYPES = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
+_MID_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+
+def check_config(config: UNetConfig) -> None:
+    """Raise ConfigError if `config` names a block type sdjax's U-Net does not build."""
+    for kind, types, allowed in (("down_block_types", config.down_block_types, _DOWN_TYPES),
+                                 ("up_block_types", config.up_block_types, _UP_TYPES)):
+        for name in types:
+            if name not in allowed:
+                raise ConfigError(f"UNetConfig.{kind}: {name!r} is not supported (use one of {sorted(allowed)})")
+    if config.mid_block_type not in _MID_TYPES:
+        raise ConfigError(f"UNetConfig.mid_block_type: {config.mid_block_type!r} is not supported "
+                          f"(use one of {_MID_TYPES})")
+
+
+def _attention_kwargs(config: UNetConfig, heads: int, transformer_layers: int) -> dict[str, Any]:
+    return dict(heads=heads, transformer_layers=transformer_layers,
+                use_linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention)
+
+
+def down_block_kwargs(config: UNetConfig, i: int) -> dict[str, Any]:
+    """Keyword arguments of `DownBlock2D` for down block `i` (without dtype / attention implementation)."""
+    channels = config.block_out_channels[i]
+    kwargs = dict(out_channels=channels, num_layers=config.per_block("layers_per_block")[i],
+                  groups=config.norm_num_groups, eps=config.norm_eps,
+                  add_downsample=i < len(config.block_out_channels) - 1, downsample_padding=1)
+    if _DOWN_TYPES[config.down_block_types[i]]:
+        kwargs.update(_attention_kwargs(config, config.heads_per_block[i],
+                                        config.per_block("transformer_layers_per_block")[i]))
+    return kwargs
+
+
+def mid_block_kwargs(config: UNetConfig) -> dict[str, Any] | None:
+    """Keyword arguments of `MidBlock2D` (None when the config has no mid block)."""
+    if config.mid_block_type is None:
+        return None
+    kwargs = dict(out_channels=config.block_out_channels[-1], groups=config.norm_num_groups, eps=config.norm_eps)
+    if config.mid_block_type == "UNetMidBlock2D":
+        return dict(kwargs, num_layers=0)  # diffusers builds it with a single resnet and no attention
+    return dict(kwargs, num_layers=1, attention="transformer",
+                **_attention_kwargs(config, config.heads_per_block[-1],
+                                    config.per_block("transformer_layers_per_block")[-1]))
+
+
+def up_block_kwargs(config: UNetConfig, i: int) -> dict[str, Any]:
+    """Keyword arguments of `UpBlock2D` for up block `i` (counted from the lowest resolution)."""
+    rev = lambda name: tuple(reversed(config.per_block(name)))  # noqa: E731
+    kwargs = dict(out_channels=rev("block_out_channels")[i], num_layers=rev("layers_per_block")[i] + 1,
+                  groups=config.norm_num_groups, eps=config.norm_eps,
+                  add_upsample=i < len(config.block_out_channels) - 1)
+    if _UP_TYPES[config.up_block_types[i]]:
+        kwargs.update(_attention_kwargs(config, tuple(reversed(config.heads_per_block))[i],
+                                        rev("transformer_layers_per_block")[i]))
+    return kwargs
+
+
+class UNet2DConditionModel(nn.Module):
+    """Conditional U-Net: `(sample (B, H, W, C), timesteps (scalar or (B,)), encoder_hidden_states (B, L, D))`
+    -> (B, H, W, out_channels).
+
+    The optional ControlNet residuals (NHWC, one per skip connection, and one for the mid block) are added
+    where diffusers adds them.
+    """
+    config: UNetConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_implementation: str = "einsum"
+
+    @nn.compact
+    def __call__(self, sample, timesteps, encoder_hidden_states,
+                 down_block_additional_residuals: Sequence[Any] | None = None,
+                 mid_block_additional_residual=None):
+        config = self.config
+        check_config(config)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = dict(common, attention_implementation=self.attention_implementation)
+        batch = sample.shape[0]
+        channels0 = config.block_out_channels[0]
+
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+        t_emb = timestep_embedding(timesteps, channels0, flip_sin_to_cos=config.flip_sin_to_cos,
+                                   freq_shift=config.freq_shift).astype(self.dtype)
+        temb = TimestepEmbedding(4 * channels0, **common, name="time_embedding")(t_emb)
+        context = encoder_hidden_states.astype(self.dtype)
+
+        x = make_conv(self, channels0, 3, "conv_in")(sample.astype(self.dtype))
+        skips = [x]
+        for i in range(len(config.down_block_types)):
+            x, block_skips = DownBlock2D(**down_block_kwargs(config, i), **attn, name=f"down_blocks.{i}")(
+                x, temb, context)
+            skips.extend(block_skips)
+
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
+                                 f"entries; this U-Net has {len(skips)} skip connections")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+
+        mid = mid_block_kwargs(config)
+        if mid is not None:
+            x = MidBlock2D(**mid, **attn, name="mid_block")(x, temb, context)
+        if mid_block_additional_residual is not None:
+            x = x + mid_block_additional_residual
+
+        for i in range(len(config.up_block_types)):
+            kwargs = up_block_kwargs(config, i)
+            block_skips, skips = skips[-kwargs["num_layers"]:], skips[:-kwargs["num_layers"]]
+            # The next skip's size undoes the down path's rounding up of odd sizes (e.g. 13 -> 7 -> 13, not 14).
+            output_size = skips[-1].shape[1:3] if kwargs["add_upsample"] else None
+            x = UpBlock2D(**kwargs, **attn, name=f"up_blocks.{i}")(x, block_skips, temb, context, output_size)
+
+        x = nn.silu(make_group_norm(self, config.norm_num_groups, config.norm_eps, "conv_norm_out")(x))
+        return make_conv(self, config.out_channels, 3, "conv_out")(x)

@@ -1,0 +1,90 @@
+"""Tiny Stable Diffusion folders built with diffusers/transformers in torch, the references of the tests.
+
+Weights are random and then perturbed, so no layer keeps diffusers' zero or identity initialisation (a zero
+output conv would hide a wrong U-Net). Folders are written with `save_pretrained(safe_serialization=True)`,
+exactly the layout users download.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from tests.tokenizer_fixture import make_clip_tokenizer
+
+BLOCKS = (32, 64)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What distinguishes an SD1-like from an SD2-like tiny model."""
+    attention_head_dim: int | tuple[int, ...]
+    use_linear_projection: bool
+    upcast_attention: bool
+    hidden_act: str
+    prediction_type: str
+
+
+SD1 = Variant(attention_head_dim=8, use_linear_projection=False, upcast_attention=False,
+              hidden_act="quick_gelu", prediction_type="epsilon")
+SD2 = Variant(attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+              hidden_act="gelu", prediction_type="v_prediction")
+
+
+def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * scale)
+    return model.eval()
+
+
+def build_unet(variant: Variant, in_channels: int = 4) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=4, block_out_channels=BLOCKS, layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=16, attention_head_dim=variant.attention_head_dim,
+        use_linear_projection=variant.use_linear_projection, upcast_attention=variant.upcast_attention)
+    return perturb(unet, seed=1)
+
+
+def build_vae() -> AutoencoderKL:
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=BLOCKS, latent_channels=4,
+                        layers_per_block=1, norm_num_groups=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    return perturb(vae, seed=2)
+
+
+def build_text_encoder(variant: Variant, tokenizer) -> CLIPTextModel:
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                            num_attention_heads=4, hidden_act=variant.hidden_act, bos_token_id=tokenizer.bos_token_id,
+                            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return perturb(CLIPTextModel(config), seed=3)
+
+
+def build_scheduler(variant: Variant):
+    common = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                  prediction_type=variant.prediction_type)
+    if variant.prediction_type == "v_prediction":
+        return DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **common)
+    return PNDMScheduler(skip_prk_steps=True, **common)
+
+
+def build_pipeline(variant: Variant, tokenizer_folder) -> StableDiffusionPipeline:
+    tokenizer = make_clip_tokenizer(tokenizer_folder)
+    return StableDiffusionPipeline(
+        vae=build_vae(), text_encoder=build_text_encoder(variant, tokenizer), tokenizer=tokenizer,
+        unet=build_unet(variant), scheduler=build_scheduler(variant), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+
+
+def save_pipeline_folder(variant: Variant, folder) -> StableDiffusionPipeline:
+    """Write a tiny SD folder to `folder` and return the torch pipeline it holds."""
+    pipeline = build_pipeline(variant, folder.with_name(folder.name + "_tokenizer"))
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline

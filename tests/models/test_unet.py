@@ -1,0 +1,143 @@
+"""UNet2DConditionModel against diffusers' PyTorch model: parameter names, counts and float32 outputs."""
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as TorchUNet
+from flax import traverse_util
+
+from sdjax.errors import ConfigError
+from sdjax.models import configs
+from sdjax.models.unet import UNet2DConditionModel
+from sdjax.weights import keymap
+from tests.models import errors, nchw, nhwc, perturb_, torch_state_dict
+
+TOL = 1e-5
+SD1_LIKE = configs.TINY_UNET  # attention_head_dim int, conv projections
+SD2_LIKE = configs.UNetConfig(  # per-block heads, linear projections, upcast, per-block layer counts
+    block_out_channels=(32, 64), layers_per_block=(1, 2), transformer_layers_per_block=(2, 1), norm_num_groups=16,
+    cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+# Three levels with odd latent sizes exercise the up path's forced output size; no mid block.
+ODD_NO_MID = configs.UNetConfig(
+    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+    attention_head_dim=2, mid_block_type=None, freq_shift=1, flip_sin_to_cos=False,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"))
+CONFIGS = {"sd1_like": SD1_LIKE, "sd2_like": SD2_LIKE, "odd_no_mid": ODD_NO_MID}
+
+
+def _spec(shape):
+    return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+
+def _param_shapes(config, latent_hw=(16, 16)):
+    model = UNet2DConditionModel(config)
+    return jax.eval_shape(model.init, jax.random.key(0), _spec((1, *latent_hw, config.in_channels)), _spec((1,)),
+                          _spec((1, 7, config.cross_attention_dim)))["params"]
+
+
+def _keys(shapes):
+    return {keymap.torch_key(path) for path in traverse_util.flatten_dict(shapes)}
+
+
+def _count(shapes):
+    return sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes))
+
+
+@functools.lru_cache(maxsize=None)
+def _models(name):
+    """(torch model with perturbed weights, sdjax model, its params) for CONFIGS[name]."""
+    config = CONFIGS[name]
+    torch.manual_seed(0)
+    torch_model = perturb_(TorchUNet(**config.to_dict()))
+    params = keymap.params_from_state_dict(torch_state_dict(torch_model), _param_shapes(config), source="test")
+    return torch_model, UNet2DConditionModel(config), params
+
+
+def _inputs(config, batch, hw, seed=0):
+    rng = np.random.RandomState(seed)
+    sample = rng.randn(batch, *hw, config.in_channels).astype(np.float32)
+    context = rng.randn(batch, 7, config.cross_attention_dim).astype(np.float32)
+    return sample, context
+
+
+def _torch_unet(torch_model, sample, t, context, **kwargs):
+    with torch.no_grad():
+        return nhwc(torch_model(torch.from_numpy(nchw(sample)), torch.as_tensor(t), torch.from_numpy(context),
+                                **kwargs).sample)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_parameter_names_match_diffusers(name):
+    config = CONFIGS[name]
+    with torch.device("meta"):
+        expected = set(TorchUNet(**config.to_dict()).state_dict())
+    assert _keys(_param_shapes(config)) == expected
+
+
+@pytest.mark.parametrize("config,count", [(configs.SD15_UNET, 859_520_964), (configs.SD21_UNET, None)])
+def test_real_presets_match_diffusers(config, count):
+    shapes = _param_shapes(config, (64, 64))
+    with torch.device("meta"):
+        torch_model = TorchUNet(**config.to_dict())
+    assert _keys(shapes) == set(torch_model.state_dict())
+    assert _count(shapes) == sum(p.numel() for p in torch_model.parameters())
+    if count is not None:
+        assert _count(shapes) == count
+
+
+@pytest.mark.parametrize("name,batch,hw,timesteps", [
+    ("sd1_like", 2, (16, 24), np.array([999.0, 17.0], np.float32)),  # (B,) timesteps, different values
+    ("sd1_like", 2, (16, 24), np.float32(500.0)),                     # scalar timestep, broadcast
+    ("sd2_like", 3, (24, 16), np.array([1, 500, 980], np.int64)),     # integer timesteps
+    ("odd_no_mid", 2, (13, 18), np.array([3.5, 640.0], np.float32)),
+])
+def test_unet_matches_diffusers(name, batch, hw, timesteps):
+    torch_model, model, params = _models(name)
+    sample, context = _inputs(model.config, batch, hw)
+    out = jax.jit(model.apply)({"params": params}, sample, timesteps, context)
+    ref = _torch_unet(torch_model, sample, timesteps, context)
+    rel, max_abs = errors(out, ref)
+    print(f"\nU-Net {name} {batch}x{hw} t={timesteps}: relative L2 {rel:.3g}, max abs {max_abs:.3g}")
+    assert out.shape == (batch, *hw, model.config.out_channels)
+    assert rel <= TOL
+
+
+def test_controlnet_residuals_match_diffusers():
+    torch_model, model, params = _models("sd1_like")
+    sample, context = _inputs(model.config, 1, (8, 8), seed=1)
+    rng = np.random.RandomState(2)
+    # Skip connections of the tiny SD1-like U-Net: conv_in, 2 resnets + downsampler at 8x8, 2 resnets at 4x4.
+    shapes = [(1, 8, 8, 32)] * 3 + [(1, 4, 4, 32)] + [(1, 4, 4, 64)] * 2
+    down = [rng.randn(*s).astype(np.float32) for s in shapes]
+    mid = rng.randn(1, 4, 4, 64).astype(np.float32)
+    out = model.apply({"params": params}, sample, np.float32(10.0), context, down, mid)
+    ref = _torch_unet(torch_model, sample, np.float32(10.0), context,
+                      down_block_additional_residuals=tuple(torch.from_numpy(nchw(r)) for r in down),
+                      mid_block_additional_residual=torch.from_numpy(nchw(mid)))
+    assert errors(out, ref)[0] <= TOL
+
+
+def test_attention_implementations_agree():
+    # 32x64 latents: 2048 tokens at full resolution, so "chunked" really splits the queries (chunks of 1024).
+    _, model, params = _models("sd1_like")
+    sample, context = _inputs(model.config, 1, (32, 64), seed=3)
+    outputs = {}
+    for impl in ("einsum", "chunked", "xla"):
+        variant = UNet2DConditionModel(model.config, attention_implementation=impl)
+        outputs[impl] = jax.jit(variant.apply)({"params": params}, sample, np.float32(321.0), context)
+    for impl in ("chunked", "xla"):
+        rel, max_abs = errors(outputs[impl], outputs["einsum"])
+        assert rel <= TOL, (impl, rel, max_abs)
+
+
+def test_unsupported_block_type_is_a_config_error():
+    config = dataclasses.replace(SD1_LIKE, down_block_types=("SimpleCrossAttnDownBlock2D", "DownBlock2D"))
+    with pytest.raises(ConfigError, match="SimpleCrossAttnDownBlock2D"):
+        _param_shapes(config)
