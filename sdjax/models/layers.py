@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.errors import InvalidArgumentError
 from sdjax.models.attention import attention
 
 Dtype = Any
@@ -46,15 +47,15 @@ def make_layer_norm(m: nn.Module, name: str, eps: float = 1e-5) -> nn.LayerNorm:
 
 def timestep_embedding(timesteps, dim: int, *, flip_sin_to_cos: bool = False, freq_shift: float = 1,
                        max_period: float = 10000.0):
-    """Sinusoidal embedding (DDPM/transformer style) of `timesteps` (shape (B,), may be fractional) -> (B, dim), float32.
+    """Sinusoidal embedding of `timesteps` ((B,), may be fractional) -> (B, dim) float32, as in DDPM.
 
     Frequencies are exp(-ln(max_period) * i / (dim/2 - freq_shift)); output is [sin, cos], or [cos, sin] with
     flip_sin_to_cos; odd `dim` is zero-padded.
     """
     half = dim // 2
-    # The frequency table is a trace-time constant. The exponent is rounded in float32 exactly as PyTorch does;
-    # exp in float64 then rounding lands on (nearly) the same float32 values as PyTorch's exp, whereas
-    # float32 exp implementations differ by an ulp, which timesteps ~1000 amplify.
+    # The frequency table is a trace-time constant. The exponent is rounded in float32 as PyTorch rounds it; exp
+    # in float64 then rounding gives the correctly rounded frequencies. float32 exp implementations (XLA's,
+    # PyTorch's) are off by an ulp here and there, which timesteps ~1000 amplify to ~1e-4 in sin/cos.
     exponent = np.float32(-math.log(max_period)) * np.arange(half, dtype=np.float32)
     exponent = exponent / np.float32(half - freq_shift)
     freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
@@ -112,7 +113,7 @@ class Downsample2D(nn.Module):
     @nn.compact
     def __call__(self, x):
         if self.padding not in (0, 1):
-            raise ValueError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
+            raise InvalidArgumentError(f"Downsample2D padding must be 0 or 1, got {self.padding}")
         pad = ((1, 1), (1, 1)) if self.padding == 1 else ((0, 1), (0, 1))
         return make_conv(self, self.out_channels, 3, "conv", stride=2, padding=pad)(x)
 
@@ -175,8 +176,8 @@ class Attention(nn.Module):
         q = make_dense(self, inner, "to_q", self.qkv_bias)(x)
         k = make_dense(self, inner, "to_k", self.qkv_bias)(context)
         v = make_dense(self, inner, "to_v", self.qkv_bias)(context)
-        split = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # noqa: E731
-        out = attention(split(q), split(k), split(v), upcast=self.upcast,
+        heads = lambda t: t.reshape(*t.shape[:2], self.heads, self.head_dim)  # noqa: E731  (B, L, heads, dim)
+        out = attention(heads(q), heads(k), heads(v), upcast=self.upcast,
                         implementation=self.attention_implementation)
         out = make_dense(self, shape[-1], "to_out.0")(out.reshape(*out.shape[:2], inner)).reshape(shape)
         return out + residual if self.residual else out
@@ -355,10 +356,11 @@ class MidBlock2D(_Block):
             if self.attention == "transformer":
                 x = self._transformer(f"attentions.{i}")(x, context)
             elif self.attention == "spatial":
-                x = Attention(1, x.shape[-1], qkv_bias=True, upcast=True, norm_groups=self.groups,
-                              norm_eps=self.eps, residual=True, attention_implementation=self.attention_implementation,
+                x = Attention(1, x.shape[-1], qkv_bias=True, upcast=True, norm_groups=self.groups, norm_eps=self.eps,
+                              residual=True, attention_implementation=self.attention_implementation,
                               dtype=self.dtype, param_dtype=self.param_dtype, name=f"attentions.{i}")(x)
             elif self.attention is not None:
-                raise ValueError(f"MidBlock2D attention must be 'transformer', 'spatial' or None, got {self.attention!r}")
+                raise InvalidArgumentError(f"MidBlock2D attention must be 'transformer', 'spatial' or None, "
+                                           f"got {self.attention!r}")
             x = self._resnet(f"resnets.{i + 1}")(x, temb)
         return x

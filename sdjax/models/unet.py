@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, InvalidArgumentError
 from sdjax.models.configs import UNetConfig
 from sdjax.models.layers import (DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2D, make_conv, make_group_norm,
                                  timestep_embedding)
@@ -111,15 +111,16 @@ class UNet2DConditionModel(nn.Module):
 
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
-                raise ValueError(f"down_block_additional_residuals has {len(down_block_additional_residuals)} "
-                                 f"entries; this U-Net has {len(skips)} skip connections")
-            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+                raise InvalidArgumentError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries; "
+                    f"this U-Net has {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_block_additional_residuals)]
 
         mid = mid_block_kwargs(config)
         if mid is not None:
             x = MidBlock2D(**mid, **attn, name="mid_block")(x, temb, context)
         if mid_block_additional_residual is not None:
-            x = x + mid_block_additional_residual
+            x = x + mid_block_additional_residual.astype(x.dtype)
 
         for i in range(len(config.up_block_types)):
             kwargs = up_block_kwargs(config, i)

@@ -135,9 +135,9 @@ class AutoencoderKL(nn.Module):
         latent = self.config.latent_channels
         self.encoder = Encoder(self.config, **kwargs)
         self.decoder = Decoder(self.config, **kwargs)
-        conv = lambda features: nn.Conv(features, (1, 1), dtype=self.dtype, param_dtype=self.param_dtype)  # noqa: E731
-        self.quant_conv = conv(2 * latent) if self.config.use_quant_conv else None
-        self.post_quant_conv = conv(latent) if self.config.use_post_quant_conv else None
+        conv = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
+        self.quant_conv = nn.Conv(2 * latent, **conv) if self.config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv(latent, **conv) if self.config.use_post_quant_conv else None
 
     def encode(self, images) -> DiagonalGaussian:
         """Images (B, H, W, C) in [-1, 1] -> posterior over latents (B, H/f, W/f, latent_channels)."""

@@ -21,6 +21,8 @@ from sdjax.weights import keymap
 from tests.models import errors, nchw, nhwc, perturb_, torch_state_dict
 
 TOL = 1e-5
+# diffusers warns about its own deprecated output class when Transformer2DModel runs.
+pytestmark = pytest.mark.filterwarnings("ignore:.*Transformer2DModelOutput:FutureWarning")
 
 
 def _port(flax_module, torch_module, *inputs, **static):
@@ -152,9 +154,9 @@ def test_basic_transformer_block():
 
 @pytest.mark.parametrize("linear,layers_n", [(False, 1), (True, 2)])
 def test_transformer_2d(linear, layers_n):
-    torch_mod = TorchTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32, num_layers=layers_n,
-                                        cross_attention_dim=24, norm_num_groups=8, use_linear_projection=linear,
-                                        upcast_attention=linear)
+    torch_mod = TorchTransformer2DModel(num_attention_heads=4, attention_head_dim=8, in_channels=32,
+                                        num_layers=layers_n, cross_attention_dim=24, norm_num_groups=8,
+                                        use_linear_projection=linear, upcast_attention=linear)
     x, ctx = _images((2, 5, 6, 32)), _images((2, 7, 24), seed=1)
     mod = layers.Transformer2DModel(4, 8, num_layers=layers_n, groups=8, use_linear_projection=linear,
                                     upcast_attention=linear)
