@@ -19,8 +19,8 @@ import numpy as np
 
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.configs import SD15_UNET, SD21_UNET, UNetConfig
-from sdjax.models.layers import DownBlock2D, MidBlock2D, TimestepEmbedding, make_conv, timestep_embedding
-from sdjax.models.unet import check_config, down_block_kwargs, mid_block_kwargs
+from sdjax.models.layers import MidBlock2D, make_conv
+from sdjax.models.unet import check_config, down_path, embed_timesteps, mid_block_kwargs
 
 Residuals = tuple[list[Any], Any]  # (one residual per U-Net skip connection, the mid-block residual)
 
@@ -95,19 +95,6 @@ class ControlNetConditioningEmbedding(nn.Module):
             x = nn.silu(make_conv(self, c_in, 3, f"blocks.{2 * i}")(x))
             x = nn.silu(make_conv(self, c_out, 3, f"blocks.{2 * i + 1}", stride=2)(x))
         return make_conv(self, self.out_channels, 3, "conv_out")(x)
-
-
-def embed_timesteps(module: nn.Module, config: UNetConfig, timesteps, batch: int):
-    """The U-Net's time embedding (B, 4 * block_out_channels[0]); call from a compact method of `module`.
-
-    Creates the `time_embedding` MLP as a child of `module`.
-    """
-    channels = config.block_out_channels[0]
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-    t_emb = timestep_embedding(timesteps, channels, flip_sin_to_cos=config.flip_sin_to_cos,
-                               freq_shift=config.freq_shift).astype(module.dtype)
-    return TimestepEmbedding(4 * channels, dtype=module.dtype, param_dtype=module.param_dtype,
-                             name="time_embedding")(t_emb)
 
 
 def check_control_image(config: ControlNetConfig, sample_shape: Sequence[int], cond_shape: Sequence[int]) -> None:
@@ -187,11 +174,7 @@ class ControlNetModel(nn.Module):
                                                   name="controlnet_cond_embedding")(controlnet_cond.astype(self.dtype))
         x = make_conv(self, config.block_out_channels[0], 3, "conv_in")(sample.astype(self.dtype)) + control
 
-        skips = [x]
-        for i in range(len(config.down_block_types)):
-            x, block_skips = DownBlock2D(**down_block_kwargs(config, i), **attn, name=f"down_blocks.{i}")(
-                x, temb, context)
-            skips.extend(block_skips)
+        x, skips = down_path(self, config, x, temb, context)
         x = MidBlock2D(**mid_block_kwargs(config), **attn, name="mid_block")(x, temb, context)
 
         down = [make_conv(self, s.shape[-1], 1, f"controlnet_down_blocks.{j}")(s) for j, s in enumerate(skips)]

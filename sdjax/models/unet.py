@@ -73,6 +73,30 @@ def up_block_kwargs(config: UNetConfig, i: int) -> dict[str, Any]:
     return kwargs
 
 
+def embed_timesteps(module: nn.Module, config: UNetConfig, timesteps, batch: int):
+    """The time embedding (B, 4 * block_out_channels[0]); creates `time_embedding` as a child of `module`
+    (call from a compact method). Shared by the U-Net and the ControlNet, whose weights use the same names."""
+    channels = config.block_out_channels[0]
+    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
+    t_emb = timestep_embedding(timesteps, channels, flip_sin_to_cos=config.flip_sin_to_cos,
+                               freq_shift=config.freq_shift).astype(module.dtype)
+    return TimestepEmbedding(4 * channels, dtype=module.dtype, param_dtype=module.param_dtype,
+                             name="time_embedding")(t_emb)
+
+
+def down_path(module: nn.Module, config: UNetConfig, x, temb, context):
+    """The down blocks (children `down_blocks.i` of `module`): the features and every skip connection,
+    starting with the conv_in output `x`. Shared by the U-Net and the ControlNet."""
+    skips = [x]
+    for i in range(len(config.down_block_types)):
+        x, block_skips = DownBlock2D(**down_block_kwargs(config, i), dtype=module.dtype,
+                                     param_dtype=module.param_dtype,
+                                     attention_implementation=module.attention_implementation,
+                                     name=f"down_blocks.{i}")(x, temb, context)
+        skips.extend(block_skips)
+    return x, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """Conditional U-Net: `(sample (B, H, W, C), timesteps (scalar or (B,)), encoder_hidden_states (B, L, D))`
     -> (B, H, W, out_channels).
@@ -96,18 +120,11 @@ class UNet2DConditionModel(nn.Module):
         batch = sample.shape[0]
         channels0 = config.block_out_channels[0]
 
-        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32).reshape(-1), (batch,))
-        t_emb = timestep_embedding(timesteps, channels0, flip_sin_to_cos=config.flip_sin_to_cos,
-                                   freq_shift=config.freq_shift).astype(self.dtype)
-        temb = TimestepEmbedding(4 * channels0, **common, name="time_embedding")(t_emb)
+        temb = embed_timesteps(self, config, timesteps, batch)
         context = encoder_hidden_states.astype(self.dtype)
 
         x = make_conv(self, channels0, 3, "conv_in")(sample.astype(self.dtype))
-        skips = [x]
-        for i in range(len(config.down_block_types)):
-            x, block_skips = DownBlock2D(**down_block_kwargs(config, i), **attn, name=f"down_blocks.{i}")(
-                x, temb, context)
-            skips.extend(block_skips)
+        x, skips = down_path(self, config, x, temb, context)
 
         if down_block_additional_residuals is not None:
             if len(down_block_additional_residuals) != len(skips):
