@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
+import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax import generation, progress, schedules
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from sdjax.sampling_plan import SamplingPlan, plan_from_names
 from sdjax.weights import diffusers_folder, hub
 
 _MODULES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
@@ -48,6 +52,11 @@ class Pipeline:
         self._encode_fn = jax.jit(self._encode_pixels)
         self._decode_fn = jax.jit(self._decode_scaled)
         self._unet_fn = jax.jit(self._unet_apply)
+        self.alphas_cumprod = schedules.alphas_cumprod_from_config(scheduler_config)
+        self._models = generation.Models(self._encode_tokens, self._unet_apply, self._decode_scaled)
+        self._program = jax.jit(self._run_program, static_argnames=("spec", "report"))
+        self._executables: dict = {}  # (spec, report, input shapes) -> compiled generation program
+        self._progress_bar: progress.ProgressBar | None = None
 
     # --- contract methods --------------------------------------------------------------------------------
 
@@ -59,9 +68,15 @@ class Pipeline:
         return self._text_fn(self.params["text_encoder"], ids, clip_skip=clip_skip)
 
     def tokenize(self, prompts: Sequence[str]) -> jax.Array:
-        """Token ids (N, max_length), padded and truncated as diffusers' Stable Diffusion pipelines do."""
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="np")
+        """Token ids (N, max_length), padded and truncated as diffusers' Stable Diffusion pipelines do;
+        a warning says how many tokens a too-long prompt lost."""
+        limit = self.tokenizer.model_max_length
+        for i, ids in enumerate(self.tokenizer(list(prompts))["input_ids"]):
+            if len(ids) > limit:
+                warnings.warn(f"prompt {i} has {len(ids)} tokens; the text encoder reads {limit}, so the last "
+                              f"{len(ids) - limit} are dropped", stacklevel=3)
+        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
+                                return_tensors="np")
         return jnp.asarray(tokens["input_ids"], jnp.int32)
 
     def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
@@ -77,12 +92,197 @@ class Pipeline:
     def decode_latents(self, latents) -> np.ndarray:
         """uint8 images (N, H, W, 3) from scaled latents (N, h, w, C)."""
         pixels = self._decode_fn(self.params["vae"], jnp.asarray(latents))
-        return to_uint8(pixels)
+        return np.asarray(generation.to_uint8(pixels))
 
     def unet_output(self, latents, timesteps, embeddings) -> jax.Array:
         """The U-Net's raw prediction (eps, v or x0 as the model was trained) for NHWC latents."""
         return self._unet_fn(self.params["unet"], jnp.asarray(latents), jnp.asarray(timesteps),
                              jnp.asarray(embeddings))
+
+    # --- generation ----------------------------------------------------------------------------------------
+
+    def sampling_plan(self, steps: int, sampler: str | None = None, schedule: str | None = None,
+                      sampler_options: Mapping[str, Any] | None = None) -> SamplingPlan:
+        """The sampler, options and sigma grid a call with these settings runs. With neither sampler nor
+        schedule, the folder's scheduler_config.json decides, as in diffusers."""
+        if sampler is None and schedule is None:
+            from sdjax.scheduler_config import plan_from_scheduler_config
+            return plan_from_scheduler_config(self.scheduler_config, steps, self.alphas_cumprod)
+        return plan_from_names(sampler, schedule, steps, self.alphas_cumprod, sampler_options)
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 steps: int = 30, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
+                 seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
+                 width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
+                 batch_invariant: bool = False, show_progress: bool = False) -> "GenerationResult":
+        """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone; `latents` (N, h, w, c)
+        replaces that noise, unscaled, as diffusers' `latents` argument does.
+
+        batch_invariant: run images one after another, so that an image is bitwise the same in any batch
+        (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
+        """
+        plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
+        request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
+        inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
+        return self._run(request, plan, inputs, clip_skip, show_progress, batch_invariant=batch_invariant)
+
+    def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
+                noise=None, **settings) -> "GenerationResult":
+        """Image to image: the image's latents are noised to the `strength` point of the schedule and denoised
+        from there (strength 1 ignores the image). `image`: uint8 (N or 1, H, W, 3); the VAE posterior mean
+        is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise."""
+        return self._edit(image, None, prompt, negative_prompt, strength, noise, settings)
+
+    def inpaint(self, image, mask, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 1.0,
+                noise=None, **settings) -> "GenerationResult":
+        """Repaint where `mask` (N or 1, H, W) is white (>= 0.5 after scaling to [0, 1]) and keep the rest.
+
+        With an inpainting U-Net (9 input channels) the mask and the masked image's latents are extra U-Net
+        inputs; with an ordinary U-Net the known region is held on the image's noised trajectory each step."""
+        return self._edit(image, mask, prompt, negative_prompt, strength, noise, settings)
+
+    def _edit(self, image, mask, prompt, negative_prompt, strength, noise, settings):
+        pixels = to_unit_range(image)
+        steps = settings.pop("steps", 30)
+        plan = self.sampling_plan(steps, settings.pop("sampler", None), settings.pop("schedule", None),
+                                  settings.pop("sampler_options", None))
+        if not 0.0 <= strength <= 1.0:
+            raise InvalidArgumentError(f"strength must be within [0, 1], got {strength}")
+        run_plan = plan if strength == 1.0 else plan.for_strength(strength)
+        request = self._request(prompt, negative_prompt, settings.pop("num_images", 1), settings.pop("seed", 0),
+                                settings.pop("seeds", None), pixels.shape[1], pixels.shape[2])
+        guidance = settings.pop("guidance_scale", 7.5), settings.pop("guidance_rescale", 0.0)
+        clip_skip, show = settings.pop("clip_skip", None), settings.pop("show_progress", False)
+        batch_invariant = settings.pop("batch_invariant", False)
+        if settings:
+            raise InvalidArgumentError(f"unknown setting(s) {', '.join(sorted(settings))}")
+        images = broadcast_batch(pixels, request.count, "image")
+        inputs = self._inputs(request, run_plan, *guidance, noise)
+        inputs["image_latents"] = self.encode_image(images)
+        if mask is not None:
+            inputs.update(self._mask_inputs(mask, images, request.count))
+        spec_overrides = dict(start_from_image=strength < 1.0, blend_known_region=mask is not None
+                              and not self.is_inpainting_model, unet_inpaint_channels=mask is not None
+                              and self.is_inpainting_model, batch_invariant=batch_invariant)
+        return self._run(request, run_plan, inputs, clip_skip, show, **spec_overrides)
+
+    @property
+    def is_inpainting_model(self) -> bool:
+        """True for SD inpainting U-Nets: latents + mask + masked-image latents as input channels."""
+        return self.configs.unet.in_channels == 2 * self.configs.vae.latent_channels + 1
+
+    def _mask_inputs(self, mask, images, count: int) -> dict:
+        mask = np.asarray(mask)
+        mask = mask[None] if mask.ndim == 2 else mask
+        if mask.ndim == 4 and mask.shape[-1] == 1:
+            mask = mask[..., 0]
+        if mask.ndim != 3 or mask.shape[1:] != images.shape[1:3]:
+            raise InvalidArgumentError(f"mask must be (N, H, W) with the image's size {images.shape[2]}x"
+                                       f"{images.shape[1]}, got shape {mask.shape}")
+        unit = mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else mask.astype(np.float32)
+        binary = broadcast_batch((unit >= 0.5).astype(np.float32), count, "mask")
+        factor = self.configs.vae.downscale_factor
+        # diffusers resizes the binarised mask to latent size with nearest-neighbour sampling
+        latent_mask = binary[:, ::factor, ::factor, None]
+        inputs = {"mask": jnp.asarray(latent_mask)}
+        if self.is_inpainting_model:
+            masked = np.asarray(images) * (binary[..., None] < 0.5)
+            inputs["masked_image_latents"] = self.encode_image(masked)
+        return inputs
+
+    def _request(self, prompt, negative_prompt, num_images, seed, seeds, height, width) -> "Request":
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""]
+        if len(negatives) not in (1, len(prompts)):
+            raise InvalidArgumentError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        negatives = negatives * len(prompts) if len(negatives) == 1 else list(negatives)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise InvalidArgumentError(f"num_images must be a positive integer, got {num_images!r}")
+        prompts = [p for p in prompts for _ in range(num_images)]
+        negatives = [n for n in negatives for _ in range(num_images)]
+        if seeds is None:
+            seeds = [int(seed) + i for i in range(len(prompts))]
+        elif len(seeds) != len(prompts):
+            raise InvalidArgumentError(f"seeds has {len(seeds)} entries for {len(prompts)} images")
+        height, width = self._image_size(height, width)
+        return Request(prompts, negatives, [int(s) for s in seeds], height, width)
+
+    def _image_size(self, height, width) -> tuple[int, int]:
+        factor = self.configs.vae.downscale_factor
+        default = self.raw_configs.get("unet", {}).get("sample_size", 64) * factor
+        height, width = height or default, width or default
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                raise InvalidArgumentError(f"{name}={value!r} must be a positive multiple of the VAE factor {factor}")
+        return height, width
+
+    def _inputs(self, request: "Request", plan: SamplingPlan, guidance_scale, guidance_rescale, noise) -> dict:
+        count = request.count
+        inputs = {
+            "cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives),
+            "seeds": jnp.asarray(np.asarray(request.seeds, np.int64) % 2**32, jnp.uint32),
+            "guidance_scale": jnp.full((count,), guidance_scale, jnp.float32),
+            "guidance_rescale": jnp.full((count,), guidance_rescale, jnp.float32),
+            "sigmas": jnp.asarray(plan.sigmas, jnp.float32),
+            "init_noise_sigma": jnp.asarray(plan.start_noise_sigma, jnp.float32),
+        }
+        if noise is not None:
+            expected = (count, *self._latent_shape(request))
+            noise = jnp.asarray(noise, jnp.float32)
+            if noise.shape != expected:
+                raise InvalidArgumentError(f"latents/noise must have shape {expected} (N, h, w, c), got {noise.shape}")
+            inputs["noise"] = noise
+        return inputs
+
+    def _latent_shape(self, request: "Request") -> tuple[int, int, int]:
+        factor = self.configs.vae.downscale_factor
+        return request.height // factor, request.width // factor, self.configs.vae.latent_channels
+
+    def _run(self, request: "Request", plan: SamplingPlan, inputs: dict, clip_skip, show_progress,
+             **spec_overrides) -> "GenerationResult":
+        spec = generation.ProgramSpec(
+            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options,
+            prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
+            quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, **spec_overrides)
+        # Under vmap the progress callback fires once per evaluation for the whole batch; under lax.map once
+        # per image.
+        evaluations = (plan.nfe or plan.steps) * (request.count if spec.batch_invariant else 1)
+        self._progress_bar = progress.ProgressBar(evaluations, label=plan.sampler) if show_progress else None
+        executable, compile_seconds = self._compiled(inputs, spec, show_progress)
+        started = time.perf_counter()
+        images, latents = executable(self.params, inputs)
+        images = np.asarray(images)
+        return GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
+                                settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
+                                              sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
+                                              guidance_scale=float(inputs["guidance_scale"][0]),
+                                              height=request.height, width=request.width),
+                                seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
+
+    def _compiled(self, inputs: dict, spec, report: bool):
+        """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
+        it was compiled before). Values never enter the key: new prompts, seeds or guidance reuse it."""
+        leaves, treedef = jax.tree_util.tree_flatten(inputs)
+        key = (spec, report, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        if key in self._executables:
+            return self._executables[key], 0.0
+        started = time.perf_counter()
+        executable = self._program.lower(self.params, inputs, spec=spec, report=report).compile()
+        self._executables[key] = executable
+        return executable, time.perf_counter() - started
+
+    def _run_program(self, params, inputs, spec, report):
+        on_denoise = (lambda denoise: progress.report_calls(denoise, self._count_denoise)) if report else None
+        return generation.generate_program(self._models, spec, self.alphas_cumprod, params, inputs, on_denoise)
+
+    def _count_denoise(self):
+        """Host side of the progress callback: one call per image per denoiser evaluation."""
+        bar = self._progress_bar
+        if bar is not None:
+            bar.record_call()
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype=np.float32) -> None:
         """Write a diffusers-layout folder that diffusers (torch) and `load_pipeline` both load."""
@@ -117,6 +317,40 @@ class Pipeline:
                                           embeddings.astype(self.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation call's per-image host inputs, after defaults and broadcasting."""
+    prompts: list[str]
+    negatives: list[str]
+    seeds: list[int]
+    height: int
+    width: int
+
+    @property
+    def count(self) -> int:
+        return len(self.prompts)
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """uint8 images (N, H, W, 3), the final latents (N, h, w, c), the seeds and the settings used."""
+    images: np.ndarray
+    latents: np.ndarray
+    seeds: list[int]
+    settings: dict
+    seconds: float  # sampling and decoding, compilation excluded
+    compile_seconds: float = 0.0
+
+
+def broadcast_batch(array, count: int, name: str):
+    """`array` with a leading batch of `count`: a batch of 1 is repeated, any other size must match."""
+    if array.shape[0] == count:
+        return array
+    if array.shape[0] == 1:
+        return jnp.repeat(jnp.asarray(array), count, axis=0)
+    raise InvalidArgumentError(f"{name} has a batch of {array.shape[0]}; expected 1 or {count}")
+
+
 def build_module(name: str, config, dtype, attention: str):
     """The Flax module of component `name` for `config`, computing in `dtype`."""
     return _MODULES[name](config=config, dtype=dtype, param_dtype=dtype, attention_implementation=attention)
@@ -149,12 +383,6 @@ def to_unit_range(images) -> jax.Array:
     if array.dtype == np.uint8:
         return jnp.asarray(array, jnp.float32) / 127.5 - 1.0
     return jnp.asarray(array, jnp.float32)
-
-
-def to_uint8(pixels) -> np.ndarray:
-    """uint8 images from decoder output in [-1, 1], rounded as diffusers' image processor does."""
-    unit = np.clip((np.asarray(pixels, np.float32) + 1.0) / 2.0, 0.0, 1.0)
-    return (unit * 255.0).round().astype(np.uint8)
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,

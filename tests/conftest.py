@@ -22,3 +22,11 @@ def sd2_folder(tmp_path_factory):
     from tests import fixtures
     folder = tmp_path_factory.mktemp("sd2") / "model"
     return folder, fixtures.save_pipeline_folder(fixtures.SD2, folder)
+
+
+@pytest.fixture(scope="session")
+def sd1_inpaint_folder(tmp_path_factory):
+    """(folder, torch pipeline) of a tiny SD1-like inpainting model (9-channel U-Net)."""
+    from tests import fixtures
+    folder = tmp_path_factory.mktemp("sd1_inpaint") / "model"
+    return folder, fixtures.save_pipeline_folder(fixtures.SD1, folder, unet_in_channels=9)

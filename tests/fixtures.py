@@ -75,16 +75,17 @@ def build_scheduler(variant: Variant):
     return PNDMScheduler(skip_prk_steps=True, **common)
 
 
-def build_pipeline(variant: Variant, tokenizer_folder) -> StableDiffusionPipeline:
+def build_pipeline(variant: Variant, tokenizer_folder, unet_in_channels: int = 4) -> StableDiffusionPipeline:
     tokenizer = make_clip_tokenizer(tokenizer_folder)
     return StableDiffusionPipeline(
         vae=build_vae(), text_encoder=build_text_encoder(variant, tokenizer), tokenizer=tokenizer,
-        unet=build_unet(variant), scheduler=build_scheduler(variant), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        unet=build_unet(variant, unet_in_channels), scheduler=build_scheduler(variant), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
 
 
-def save_pipeline_folder(variant: Variant, folder) -> StableDiffusionPipeline:
-    """Write a tiny SD folder to `folder` and return the torch pipeline it holds."""
-    pipeline = build_pipeline(variant, folder.with_name(folder.name + "_tokenizer"))
+def save_pipeline_folder(variant: Variant, folder, unet_in_channels: int = 4) -> StableDiffusionPipeline:
+    """Write a tiny SD folder to `folder` and return the torch pipeline it holds (a 9-channel U-Net makes an
+    inpainting model: latents + mask + masked-image latents)."""
+    pipeline = build_pipeline(variant, folder.with_name(folder.name + "_tokenizer"), unet_in_channels)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return pipeline

@@ -5,6 +5,9 @@ Conventions (k-diffusion): `denoise(x, sigma) -> x0 estimate`, x in variance-exp
 """
 from __future__ import annotations
 
+import functools
+import inspect
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,3 +51,161 @@ def check_sigmas(sigmas, name: str = "sigmas"):
         raise InvalidArgumentError(f"{name} must be strictly descending, got {values.tolist()}")
     if values[-1] < 0:
         raise InvalidArgumentError(f"{name} must be >= 0 (last value is {values[-1]})")
+
+
+# ---- Sampler plumbing shared by singlestep.py (free for any sampler module) -------------------------------
+
+def sampler(nfe):
+    """Decorate `fn(denoise, x, sigmas, key=None, *, option=default, ...)` as a registry sampler.
+
+    The wrapper turns an unknown option into an InvalidArgumentError that names it and lists the valid ones
+    (Python would raise a bare TypeError), checks a concrete sigma grid, and attaches `fn.nfe`: a function
+    steps -> denoiser evaluations at run time, or None for adaptive samplers.
+    """
+    def decorate(fn):
+        options = [name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY]
+
+        @functools.wraps(fn)
+        def checked(denoise, x, sigmas, key=None, **given):
+            unknown = sorted(set(given) - set(options))
+            if unknown:
+                raise InvalidArgumentError(
+                    f"{fn.__name__}: unknown option {unknown[0]!r}; valid options: {', '.join(options) or 'none'}")
+            check_sigmas(sigmas)
+            return fn(denoise, x, sigmas, key, **given)
+
+        checked.nfe = nfe
+        return checked
+    return decorate
+
+
+def is_concrete_zero(value) -> bool:
+    """True for a concrete 0 option: lets a sampler skip noise it would only multiply by zero."""
+    return not isinstance(value, jax.core.Tracer) and float(value) == 0.0
+
+
+def require_nonnegative(sampler_name: str, **values):
+    """Raise an InvalidArgumentError naming the first concrete option below 0 (traced values pass unchecked)."""
+    for name, value in values.items():
+        if not isinstance(value, jax.core.Tracer) and float(value) < 0:
+            raise InvalidArgumentError(f"{sampler_name}: {name} must be >= 0, got {float(value)}")
+
+
+def require_key(key, sampler_name: str, reason: str):
+    """Raise an InvalidArgumentError when a stochastic sampler was given no PRNG key."""
+    if key is None:
+        raise InvalidArgumentError(f"{sampler_name} draws noise ({reason}): pass key=jax.random.key(seed)")
+
+
+def working_arrays(x, sigmas):
+    """x in at least float32 and sigmas in x's dtype: sampler arithmetic never runs in half precision."""
+    x = jnp.asarray(x)
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x, jnp.asarray(sigmas, x.dtype)
+
+
+def substep_noise(key, step, draw, x):
+    """Standard normal noise for the `draw`-th draw within step `step`: still a pure function of the key."""
+    return step_noise(jax.random.fold_in(key, step), draw, x)
+
+
+def scan_steps(step, x, sigmas):
+    """Run `x = step(x, i, sigma, sigma_next)` over consecutive pairs of the grid as one lax.scan."""
+    def body(x, pair):
+        return step(x, *pair), None
+
+    indices = jnp.arange(sigmas.shape[0] - 1)
+    x, _ = jax.lax.scan(body, x, (indices, sigmas[:-1], sigmas[1:]))
+    return x
+
+
+def euler_move(x, sigma, denoised, sigma_to):
+    """One Euler step of the probability-flow ODE from sigma to sigma_to (also DDIM's update in VE scaling)."""
+    return x + to_d(x, sigma, denoised) * (sigma_to - sigma)
+
+
+def log_interp(sigma_from, sigma_to, fraction):
+    """The sigma `fraction` of the way from sigma_from to sigma_to in log sigma (1/2: the geometric mean)."""
+    return jnp.exp(jnp.log(sigma_from) + fraction * (jnp.log(sigma_to) - jnp.log(sigma_from)))
+
+
+def unless_final(sigma_to, higher_order, first_order):
+    """`higher_order()` while sigma_to > 0, else `first_order()`.
+
+    Higher-order stages need a derivative at sigma_to or between, which is undefined at sigma = 0, so the step
+    into 0 falls back to Euler. lax.cond runs only the taken branch: the skipped denoiser call costs nothing.
+    """
+    return jax.lax.cond(sigma_to > 0, higher_order, first_order)
+
+
+# ---- Multistep plumbing shared by multistep.py and unipc.py -------------------------------------------------
+
+def push_history(history, value):
+    """Push onto a fixed-size ring of past records, newest first: history[j] is the record of j steps ago."""
+    return jnp.concatenate([value[None].astype(history.dtype), history[:-1]])
+
+
+def combine_history(weights, history):
+    """sum_j weights[j] * history[j]: the linear combination every multistep update is made of."""
+    return jnp.tensordot(jnp.asarray(weights, history.dtype), history, axes=1)
+
+
+def warmup_order(step, num_steps, max_order, lower_order_final=False):
+    """Order of a multistep method at (traced) `step`: min(step + 1, max_order) while its history fills up.
+
+    With `lower_order_final` also at most num_steps - step, so the last steps drop to orders 2 and 1
+    (diffusers' `lower_order_final`, which keeps the final steps of short schedules stable).
+    """
+    order = jnp.minimum(step + 1, max_order)
+    if lower_order_final:
+        order = jnp.minimum(order, num_steps - step)
+    return order
+
+
+def exp_remainder(z, n: int, series_terms: int = 20):
+    """e^z - sum_{j<=n} z^j / j!, the Taylor remainder that exponential integrators are built from
+    (the phi-functions are phi_{n+1}(z) = exp_remainder(z, n) / z^(n+1)).
+
+    For |z| <= 1 it is summed as its own series: the direct difference cancels catastrophically there
+    (it loses about |z|^-(n+1) ulps, too many in float32 for small steps). Large |z| uses the direct form.
+    """
+    small = jnp.abs(z) <= 1
+    z_small = jnp.where(small, z, 0.0)       # keeps the unused branch finite
+    term = jnp.ones_like(z)
+    for j in range(1, n + 2):                # z^(n+1) / (n+1)!
+        term = term * z_small / j
+    series = term
+    for j in range(n + 2, n + 2 + series_terms):
+        term = term * z_small / j
+        series = series + term
+    taylor, power = jnp.zeros_like(z), jnp.ones_like(z)
+    for j in range(n + 1):
+        taylor = taylor + power
+        power = power * z / (j + 1)
+    return jnp.where(small, series, jnp.exp(z) - taylor)
+
+
+def require_order(sampler_name: str, order, max_order: int, name: str = "order"):
+    """Raise an InvalidArgumentError unless `order` is a Python int in 1..max_order (it sizes the history)."""
+    if not isinstance(order, (int, np.integer)) or isinstance(order, bool) or not 1 <= order <= max_order:
+        raise InvalidArgumentError(f"{sampler_name}: {name} must be an integer in 1..{max_order}, got {order!r}")
+
+
+def require_choice(sampler_name: str, name: str, value, choices):
+    """Raise an InvalidArgumentError naming the option unless `value` is one of `choices`."""
+    if value not in choices:
+        raise InvalidArgumentError(
+            f"{sampler_name}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def pick_order(order, candidates, width):
+    """candidates[order - 1] as an array, each candidate a list of scalar weights zero-padded to `width`.
+
+    `order` may be traced. Indexing, unlike masking with arithmetic, keeps the non-finite weights of orders the
+    history cannot support yet (repeated nodes early in a run) out of the result.
+    """
+    rows = []
+    for weights in candidates:
+        weights = [jnp.asarray(w) for w in weights]
+        rows.append(jnp.stack(weights + [jnp.zeros_like(weights[0])] * (width - len(weights))))
+    return jnp.stack(rows)[order - 1]

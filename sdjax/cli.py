@@ -1,0 +1,233 @@
+"""The `sdjax` command: generate, img2img, inpaint, controlnet, train, convert.
+
+Every argument is checked before the model loads, so a bad size, sampler, strength or output path fails in
+a second with a clear message and leaves no file behind.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sdjax.errors import SdjaxError
+
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdjax" / "jax-compilation"
+
+
+def enable_compile_cache(folder: str | os.PathLike | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache, so a new process reuses earlier compilations.
+
+    folder: default $SDJAX_CACHE_DIR or ~/.cache/sdjax/jax-compilation.
+    """
+    import jax
+
+    folder = Path(folder or os.environ.get("SDJAX_CACHE_DIR") or DEFAULT_CACHE).expanduser()
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return folder
+
+
+# --- argument parsing ---------------------------------------------------------------------------------------
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like WIDTHxHEIGHT (e.g. 512x768), got {text!r}") from None
+    return width, height
+
+
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {value}")
+    return value
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--negative", default="", help="what to avoid (negative prompt)")
+    parser.add_argument("--model", required=True, help="diffusers-layout folder or hub id")
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
+    parser.add_argument("--sampler", help="sampler name (euler, dpmpp_2m, ...); default: the model's scheduler "
+                                          "config, as diffusers would run it")
+    parser.add_argument("--schedule", help="sigma schedule (karras, normal, exponential, ...); default: "
+                                           "'normal' with --sampler, else the scheduler config's")
+    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
+    parser.add_argument("-n", "--count", type=int, default=1, help="number of images")
+    parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of the VAE factor (default: the "
+                                                  "model's native size)")
+    parser.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
+    parser.add_argument("--out", default=".", help="PNG file, or an existing folder for numbered PNGs")
+    parser.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="param and compute dtype")
+    parser.add_argument("--attention", default="einsum", choices=("einsum", "chunked", "xla"),
+                        help="attention implementation")
+    parser.add_argument("--batch-invariant", action="store_true",
+                        help="bitwise the same image for a seed whatever the batch (runs images one by one)")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use the persistent compilation cache")
+    parser.add_argument("--cache-dir", help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {DEFAULT_CACHE})")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="show a progress bar over sampler steps (default: when stderr is a terminal). JAX "
+                             "0.10 does not persist programs with host callbacks, so a run with the bar compiles "
+                             "afresh; runs without it reuse the compilation cache")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _sampling_arguments(commands.add_parser("generate", help="text to image"))
+    img2img = commands.add_parser("img2img", help="image to image")
+    _sampling_arguments(img2img)
+    img2img.add_argument("--image", required=True, help="starting image (PNG/JPEG)")
+    img2img.add_argument("--strength", type=_unit_interval, default=0.8,
+                         help="how much of the schedule to run from the noised image, in [0, 1] (default 0.8)")
+    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    _sampling_arguments(inpaint)
+    inpaint.add_argument("--image", required=True, help="image to repaint")
+    inpaint.add_argument("--mask", required=True, help="mask image, white = repaint, same size as the image")
+    inpaint.add_argument("--strength", type=_unit_interval, default=1.0, help="in [0, 1] (default 1)")
+    convert = commands.add_parser("convert", help="re-save a diffusers folder (e.g. .bin -> safetensors, dtype)")
+    convert.add_argument("source", help="diffusers folder or hub id")
+    convert.add_argument("target", help="new folder")
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    commands.add_parser("train", help="train or fine-tune (see `sdjax train --help`)", add_help=False)
+    return parser
+
+
+# --- commands -----------------------------------------------------------------------------------------------
+
+def output_paths(out: str, seeds: list[int]) -> list[Path]:
+    """One PNG path per image: `out` itself for a single image to a .png name, else numbered files."""
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        if len(seeds) == 1:
+            return [target]
+        return [target.with_name(f"{target.stem}-{i:03d}-{seed}.png") for i, seed in enumerate(seeds)]
+    return [target / f"{i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+def check_output(out: str) -> None:
+    target = Path(out)
+    folder = target.parent if target.suffix.lower() == ".png" else target
+    if not folder.is_dir():
+        raise SdjaxError(f"--out {out}: folder {folder} does not exist; create it first")
+
+
+def check_sampling_names(args) -> None:
+    from sdjax import schedules
+    from sdjax.samplers import get_sampler
+
+    if args.sampler is not None:
+        get_sampler(args.sampler)
+    if args.schedule is not None:
+        schedules.get_schedule(args.schedule)
+    if args.steps < 1:
+        raise SdjaxError(f"--steps must be at least 1, got {args.steps}")
+    if args.count < 1:
+        raise SdjaxError(f"-n must be at least 1, got {args.count}")
+
+
+def run_sampling_command(args) -> int:
+    import jax.numpy as jnp
+
+    from sdjax import images as image_io
+    from sdjax.pipeline import load_pipeline
+    from sdjax.weights import diffusers_folder, hub
+
+    check_output(args.out)
+    check_sampling_names(args)
+    width, height = args.size or (None, None)
+    edit = {}
+    if args.command in ("img2img", "inpaint"):
+        edit["image"] = image_io.load_image(args.image)[None]
+        height, width = edit["image"].shape[1:3]
+        edit["strength"] = args.strength
+    if args.command == "inpaint":
+        edit["mask"] = image_io.load_image(args.mask, mode="L")[None]
+        if edit["mask"].shape[1:] != edit["image"].shape[1:3]:
+            raise SdjaxError(f"--mask {args.mask} is {edit['mask'].shape[2]}x{edit['mask'].shape[1]} but --image "
+                             f"{args.image} is {width}x{height}; they must be the same size")
+    folder = hub.resolve(args.model)
+    factor = diffusers_folder.read_config(folder, "vae")[0].downscale_factor
+    if (height and height % factor) or (width and width % factor):
+        raise SdjaxError(f"size {width}x{height} must be a multiple of the VAE factor {factor}")
+    if not args.no_compile_cache:
+        enable_compile_cache(args.cache_dir)
+
+    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention)
+    settings = dict(steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale, sampler=args.sampler,
+                    schedule=args.schedule, seed=args.seed, num_images=args.count, clip_skip=args.clip_skip,
+                    batch_invariant=args.batch_invariant,
+                    show_progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    if args.command == "generate":
+        result = pipeline.generate(args.prompt, args.negative, height=height, width=width, **settings)
+    elif args.command == "img2img":
+        result = pipeline.img2img(edit["image"], args.prompt, args.negative, strength=edit["strength"], **settings)
+    else:
+        result = pipeline.inpaint(edit["image"], edit["mask"], args.prompt, args.negative,
+                                  strength=edit["strength"], **settings)
+    print(f"compiled in {result.compile_seconds:.1f} s, sampled and decoded in {result.seconds:.1f} s",
+          file=sys.stderr)
+    write_images(args, result)
+    return 0
+
+
+def write_images(args, result) -> None:
+    from sdjax import images as image_io
+
+    paths = output_paths(args.out, result.seeds)
+    for path, image, seed in zip(paths, result.images, result.seeds):
+        text = image_io.a1111_parameters(args.prompt, args.negative, {
+            "Steps": result.settings["steps"], "Sampler": result.settings["sampler"],
+            "Schedule type": result.settings["schedule"], "CFG scale": args.cfg, "Seed": seed,
+            "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name,
+            "Guidance rescale": args.rescale or None, "Clip skip": args.clip_skip,
+            "Denoising strength": getattr(args, "strength", None)})
+        image_io.save_png(path, image, text)
+        print(path)
+    if args.grid:
+        out = Path(args.out)
+        grid_path = out.with_name(f"{out.stem}-grid.png") if out.suffix.lower() == ".png" else out / "grid.png"
+        image_io.save_png(grid_path, image_io.grid(result.images))
+        print(grid_path)
+
+
+def run_convert(args) -> int:
+    import ml_dtypes
+    import numpy as np
+
+    from sdjax.pipeline import load_pipeline
+
+    target = Path(args.target)
+    if target.exists() and any(target.iterdir()):
+        raise SdjaxError(f"{target} exists and is not empty; choose a new folder")
+    dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype]
+    load_pipeline(args.source).save_pretrained(target, dtype=dtype)
+    print(target)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from sdjax.train.cli import main as train_main
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            return run_convert(args)
+        return run_sampling_command(args)
+    except SdjaxError as err:
+        print(f"sdjax {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""The generation program: prompts + noise -> sampler `lax.scan` -> VAE decode, as one pure function.
+
+`Pipeline` jit-compiles `generate_program` once per (shapes, `ProgramSpec`); everything that varies between
+calls of the same shape (prompts, seeds, guidance, sigmas, init images, masks) is a traced argument.
+Each image is sampled under `jax.vmap` with its own key, so image i depends only on its own seed, never on
+the batch it is part of; the batch stays the leading axis of every input, ready to be sharded.
+
+Sampling runs in variance-exploding scaling (x = x0 + sigma eps). Diffusers' latents are variance-preserving;
+`x_vp = x / sqrt(1 + sigma^2)`, which is the identity at the usual final sigma of 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from sdjax import denoisers
+from sdjax.samplers import get_sampler
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """The static part of a generation program: changing any field recompiles."""
+    sampler: str
+    latent_shape: tuple[int, int, int]  # (h, w, channels) of one image's latents
+    options: tuple[tuple[str, Any], ...] = ()
+    prediction_type: str = "epsilon"
+    quantize_timesteps: bool = False
+    clip_skip: int | None = None
+    start_from_image: bool = False    # img2img / inpaint with strength < 1: x = image latents + sigma_0 noise
+    blend_known_region: bool = False  # inpainting with an ordinary (4-channel) U-Net
+    unet_inpaint_channels: bool = False  # inpainting U-Net: mask and masked-image latents as extra channels
+    # Images one after another (lax.map) instead of as one batch (vmap): bitwise the same result for an image
+    # whatever batch it is in, since XLA's kernels may round differently at different batch sizes.
+    batch_invariant: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The pure apply functions the program calls; hashable so that jit can treat them as static."""
+    encode_text: Callable  # (params, ids, clip_skip) -> (N, 77, D)
+    unet: Callable         # (params, x_vp, t, encoder_hidden_states) -> raw output
+    decode: Callable       # (params, scaled latents) -> pixels in [-1, 1]
+
+
+def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: dict, inputs: dict,
+                     on_denoise: Callable | None = None):
+    """uint8 images (N, H, W, 3) and the final (VP) latents.
+
+    inputs: cond_ids, uncond_ids (N, 77); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
+    sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
+    of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
+    needs them. `on_denoise(denoise) -> denoise` may wrap the denoiser (progress reporting).
+    """
+    sigmas = inputs["sigmas"]
+    sampler = get_sampler(spec.sampler)
+
+    def model_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None):
+        if spec.unet_inpaint_channels:
+            x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
+        return models.unet(params["unet"], x_vp, t, encoder_hidden_states)
+
+    def one_image(per_image):
+        """Everything for one image, each array with a batch axis of 1 for the models."""
+        image = jax.tree.map(lambda v: v[None], per_image)
+        noise_key, sampler_key = jax.random.split(jax.random.key(per_image["seeds"]))
+        noise = image["noise"] if "noise" in image else jax.random.normal(noise_key, (1, *spec.latent_shape))
+        cond = models.encode_text(params["text_encoder"], image["cond_ids"], spec.clip_skip)
+        uncond = models.encode_text(params["text_encoder"], image["uncond_ids"], spec.clip_skip)
+        extra = ({"mask": image["mask"], "masked_image_latents": image["masked_image_latents"]}
+                 if spec.unet_inpaint_channels else {})
+        denoise = denoisers.cfg_denoiser(
+            model_fn, alphas_cumprod, {"encoder_hidden_states": cond, **extra},
+            {"encoder_hidden_states": uncond, **extra}, per_image["guidance_scale"],
+            guidance_rescale=per_image["guidance_rescale"], prediction_type=spec.prediction_type,
+            quantize=spec.quantize_timesteps)
+        if spec.blend_known_region:
+            denoise = keep_known_region(denoise, image["image_latents"], image["mask"], noise, sigmas[0])
+        if on_denoise is not None:
+            denoise = on_denoise(denoise)
+        if spec.start_from_image:
+            x = image["image_latents"] + sigmas[0] * noise  # diffusers' add_noise, in VE scaling
+        else:
+            x = noise * inputs["init_noise_sigma"]
+        x = sampler(denoise, x, sigmas, sampler_key, **dict(spec.options))
+        if spec.blend_known_region:
+            x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
+        latents = denoisers.to_vp(x, sigmas[-1])
+        return to_uint8(models.decode(params["vae"], latents))[0], latents[0]
+
+    per_image = {k: v for k, v in inputs.items() if k not in ("sigmas", "init_noise_sigma")}
+    if spec.batch_invariant:
+        return jax.lax.map(one_image, per_image)
+    return jax.vmap(one_image)(per_image)
+
+
+def blend(x, image_latents, mask, noise, sigma):
+    """Keep the unmasked region (mask = 0) on the image's own noised trajectory: image + sigma * noise."""
+    return mask * x + (1.0 - mask) * (image_latents + sigma * noise)
+
+
+def keep_known_region(denoise, image_latents, mask, noise, first_sigma):
+    """A denoiser that sees the known region as the image noised to the current sigma.
+
+    Diffusers blends the latents after every step; blending the denoiser's input instead gives the same
+    masked-region trajectory for binary masks (every sampler update is elementwise in x) and needs no hook
+    inside the samplers. Like diffusers, the first evaluation sees the starting latents unblended (pure noise
+    at strength 1); the final blend happens after sampling.
+    """
+    def blended(x, sigma):
+        return denoise(jnp.where(sigma < first_sigma, blend(x, image_latents, mask, noise, sigma), x), sigma)
+    return blended
+
+
+def to_uint8(pixels):
+    """Decoder output in [-1, 1] -> uint8, rounded as diffusers' image processor does."""
+    return jnp.round(jnp.clip((pixels + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(jnp.uint8)

@@ -1,0 +1,147 @@
+"""Generation end to end against diffusers' Stable Diffusion pipelines in torch (the same tiny folders, the same
+starting noise), plus seeds, compilation counts and input errors."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
+                       StableDiffusionPipeline)
+from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img, pipeline_stable_diffusion_inpaint
+
+import sdjax
+from sdjax.errors import InvalidArgumentError
+
+PROMPTS = ["a photo of a cat", "an astronaut riding a horse"]
+NEGATIVE = ["blurry", "ugly"]
+SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
+
+
+def assert_images_match(ours, reference_unit):
+    """Per-pixel agreement with diffusers' float output in [0, 1]: at most 2/255, on average under 0.5/255."""
+    reference = np.round(np.asarray(reference_unit) * 255.0)
+    difference = np.abs(ours.astype(np.float64) - reference)
+    assert ours.shape == reference.shape
+    assert difference.max() <= 2 and difference.mean() <= 0.5, (difference.max(), difference.mean())
+
+
+def nchw(array):
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 3, 1, 2)))
+
+
+def torch_noise(shape_nhwc, seed):
+    """The noise diffusers draws from torch.Generator(seed), as NHWC numpy."""
+    n, h, w, c = shape_nhwc
+    return torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(seed)).numpy().transpose(0, 2, 3, 1)
+
+
+def euler_components(reference):
+    """The reference pipeline's components with diffusers' Euler scheduler on linspace timesteps."""
+    scheduler = EulerDiscreteScheduler.from_config(reference.scheduler.config, timestep_spacing="linspace")
+    return {**reference.components, "scheduler": scheduler}
+
+
+@pytest.fixture
+def encode_with_posterior_mean(monkeypatch):
+    """diffusers samples the VAE posterior for img2img/inpainting; sdjax uses its mean. Make diffusers use the
+    mean too, so both start from the same latents."""
+    def mean_latents(encoder_output, generator=None, sample_mode="sample"):
+        return encoder_output.latent_dist.mode()
+    for module in (pipeline_stable_diffusion_img2img, pipeline_stable_diffusion_inpaint):
+        monkeypatch.setattr(module, "retrieve_latents", mean_latents)
+
+
+@pytest.fixture(scope="module", params=["sd1", "sd2"])
+def loaded(request):
+    folder, reference = request.getfixturevalue(f"{request.param}_folder")
+    return sdjax.load_pipeline(folder), reference
+
+
+def test_txt2img_matches_diffusers(loaded):
+    pipeline, reference = loaded
+    noise = np.random.default_rng(0).normal(size=(2, 16, 16, 4)).astype(np.float32)
+    ours = pipeline.generate(PROMPTS, NEGATIVE, steps=6, guidance_scale=7.0, sampler="euler", schedule="linspace",
+                             latents=noise, height=SIZE, width=SIZE)
+    theirs = StableDiffusionPipeline(**euler_components(reference))(
+        PROMPTS, negative_prompt=NEGATIVE, num_inference_steps=6, guidance_scale=7.0, latents=nchw(noise),
+        height=SIZE, width=SIZE, output_type="np").images
+    assert_images_match(ours.images, theirs)
+
+
+def test_img2img_matches_diffusers(sd1_folder, encode_with_posterior_mean):
+    folder, reference = sd1_folder
+    pipeline = sdjax.load_pipeline(folder)
+    image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    noise = torch_noise((1, 16, 16, 4), seed=3)
+    ours = pipeline.img2img(image, PROMPTS[0], NEGATIVE[0], strength=0.6, steps=5, guidance_scale=7.0,
+                            sampler="euler", schedule="linspace", noise=noise)
+    theirs = StableDiffusionImg2ImgPipeline(**euler_components(reference))(
+        PROMPTS[0], image=Image.fromarray(image[0]), negative_prompt=NEGATIVE[0], strength=0.6, num_inference_steps=5,
+        guidance_scale=7.0, generator=torch.Generator().manual_seed(3), output_type="np").images
+    assert_images_match(ours.images, theirs)
+
+
+@pytest.mark.parametrize("model", ["sd1_folder", "sd1_inpaint_folder"])
+def test_inpaint_matches_diffusers(model, request, encode_with_posterior_mean):
+    folder, reference = request.getfixturevalue(model)
+    pipeline = sdjax.load_pipeline(folder)
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((1, SIZE, SIZE), np.uint8)
+    mask[:, 8:24, 4:20] = 255
+    noise = rng.normal(size=(1, 16, 16, 4)).astype(np.float32)
+    ours = pipeline.inpaint(image, mask, PROMPTS[1], NEGATIVE[1], steps=5, guidance_scale=7.0, sampler="euler",
+                            schedule="linspace", noise=noise)
+    theirs = StableDiffusionInpaintPipeline(**euler_components(reference))(
+        PROMPTS[1], image=Image.fromarray(image[0]), mask_image=Image.fromarray(mask[0]), negative_prompt=NEGATIVE[1], num_inference_steps=5,
+        guidance_scale=7.0, latents=nchw(noise), height=SIZE, width=SIZE, output_type="np").images
+    assert_images_match(ours.images, theirs)
+    if pipeline.is_inpainting_model:
+        return
+    # An ordinary U-Net keeps the unmasked region: its final latents are the image's own latents there.
+    image_latents = np.asarray(pipeline.encode_image(image))
+    keep = np.asarray(mask[:, ::2, ::2] < 128)
+    np.testing.assert_allclose(ours.latents[keep], image_latents[keep], rtol=0, atol=1e-5)
+
+
+def test_an_image_depends_only_on_its_seed(sd1_folder):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    settings = dict(steps=3, sampler="euler_ancestral", schedule="karras", height=SIZE, width=SIZE)
+    alone = pipeline.generate("a cat", seed=11, batch_invariant=True, **settings)
+    batch = pipeline.generate(["a dog", "red", "a cat", "blue"], seeds=[5, 6, 11, 7], batch_invariant=True,
+                              **settings)
+    np.testing.assert_array_equal(batch.images[2], alone.images[0])
+    np.testing.assert_array_equal(batch.latents[2], alone.latents[0])
+    # Batched (vmap) kernels may round differently at another batch size, but the noise is the same.
+    fast = pipeline.generate(["a dog", "red", "a cat", "blue"], seeds=[5, 6, 11, 7], **settings)
+    assert np.abs(fast.images[2].astype(int) - alone.images[0]).max() <= 1
+    other_seed = pipeline.generate("a cat", seed=12, batch_invariant=True, **settings)
+    assert np.abs(other_seed.images[0].astype(int) - alone.images[0]).max() > 10
+
+
+def test_prompt_seed_and_guidance_changes_do_not_recompile(sd1_folder):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    settings = dict(steps=3, sampler="dpmpp_2m", schedule="karras", height=SIZE, width=SIZE)
+    first = pipeline.generate("a cat", seed=1, guidance_scale=7.0, **settings)
+    assert first.compile_seconds > 0
+    for prompt, seed, guidance in [("a dog", 2, 3.0), ("red moon", 3, 9.5), ("", 4, 1.0)]:
+        again = pipeline.generate(prompt, "blurry", seed=seed, guidance_scale=guidance, **settings)
+        assert again.compile_seconds == 0
+    assert len(pipeline._executables) == 1
+    pipeline.generate("a cat", steps=4, sampler="dpmpp_2m", schedule="karras", height=SIZE, width=SIZE)
+    assert len(pipeline._executables) == 2  # a new step count is a new program
+
+
+def test_bad_inputs_fail_before_any_compilation(sd1_folder):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    with pytest.raises(InvalidArgumentError, match="height=33 must be a positive multiple of the VAE factor 2"):
+        pipeline.generate("a cat", height=33, width=SIZE, sampler="euler")
+    with pytest.raises(InvalidArgumentError, match="unknown sampler 'eular'. Did you mean 'euler'"):
+        pipeline.generate("a cat", sampler="eular")
+    with pytest.raises(InvalidArgumentError, match=r"strength must be within \[0, 1\], got 1.5"):
+        pipeline.img2img(image, "a cat", strength=1.5, sampler="euler")
+    with pytest.raises(InvalidArgumentError, match="mask must be .* the image's size 32x32"):
+        pipeline.inpaint(image, np.zeros((1, 16, 32), np.uint8), "a cat", sampler="euler")
+    with pytest.raises(InvalidArgumentError, match=r"seeds has 1 entries for 2 images"):
+        pipeline.generate(["a", "b"], seeds=[1], sampler="euler")
+    assert pipeline._executables == {}
