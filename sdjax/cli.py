@@ -26,7 +26,16 @@ def enable_compile_cache(folder: str | os.PathLike | None = None) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.monitoring.register_event_listener(_count_cache_hit)
     return folder
+
+
+_cache_hits = []
+
+
+def _count_cache_hit(event: str, **_) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits.append(event)
 
 
 # --- argument parsing ---------------------------------------------------------------------------------------
@@ -93,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     inpaint.add_argument("--image", required=True, help="image to repaint")
     inpaint.add_argument("--mask", required=True, help="mask image, white = repaint, same size as the image")
     inpaint.add_argument("--strength", type=_unit_interval, default=1.0, help="in [0, 1] (default 1)")
+    controlnet = commands.add_parser("controlnet", help="text to image steered by ControlNet(s)")
+    _sampling_arguments(controlnet)
+    controlnet.add_argument("--controlnet", action="append", required=True,
+                            help="diffusers ControlNet folder; repeat for several ControlNets")
+    controlnet.add_argument("--control-image", action="append", required=True,
+                            help="control image at the output size, one per --controlnet, in the same order")
+    controlnet.add_argument("--control-scale", type=float, action="append",
+                            help="conditioning scale per ControlNet (default 1; one value applies to all)")
+    controlnet.add_argument("--control-start", type=_unit_interval, action="append",
+                            help="fraction of the steps where each ControlNet starts acting (default 0)")
+    controlnet.add_argument("--control-end", type=_unit_interval, action="append",
+                            help="fraction of the steps where each ControlNet stops acting (default 1)")
+    controlnet.add_argument("--guess-mode", action="store_true",
+                            help="ControlNets act on the conditional half of guidance only")
     convert = commands.add_parser("convert", help="re-save a diffusers folder (e.g. .bin -> safetensors, dtype)")
     convert.add_argument("source", help="diffusers folder or hub id")
     convert.add_argument("target", help="new folder")
@@ -134,6 +157,35 @@ def check_sampling_names(args) -> None:
         raise SdjaxError(f"-n must be at least 1, got {args.count}")
 
 
+def control_arguments(args) -> list[tuple]:
+    """(folder, image, scale, start, end) per ControlNet, read and checked before any model loads."""
+    from sdjax import images as image_io
+
+    count = len(args.controlnet)
+
+    def per_controlnet(values, default, name):
+        values = values or [default]
+        if len(values) not in (1, count):
+            raise SdjaxError(f"{name} is given {len(values)} times for {count} --controlnet; give it once or "
+                             f"once per --controlnet")
+        return values * count if len(values) == 1 else values
+
+    if len(args.control_image) != count:
+        raise SdjaxError(f"{count} --controlnet but {len(args.control_image)} --control-image; give one image each")
+    images = [image_io.load_image(path) for path in args.control_image]
+    if len({image.shape for image in images}) != 1:
+        raise SdjaxError(f"control images differ in size: {[f'{i.shape[1]}x{i.shape[0]}' for i in images]}")
+    for folder in args.controlnet:
+        if not (Path(folder) / "config.json").is_file():
+            raise SdjaxError(f"--controlnet {folder}: not a diffusers ControlNet folder (no config.json)")
+    starts = per_controlnet(args.control_start, 0.0, "--control-start")
+    ends = per_controlnet(args.control_end, 1.0, "--control-end")
+    if any(start >= end for start, end in zip(starts, ends)):
+        raise SdjaxError(f"each --control-start must be below its --control-end, got {starts} and {ends}")
+    return list(zip(args.controlnet, images, per_controlnet(args.control_scale, 1.0, "--control-scale"), starts,
+                    ends))
+
+
 def run_sampling_command(args) -> int:
     import jax.numpy as jnp
 
@@ -154,6 +206,9 @@ def run_sampling_command(args) -> int:
         if edit["mask"].shape[1:] != edit["image"].shape[1:3]:
             raise SdjaxError(f"--mask {args.mask} is {edit['mask'].shape[2]}x{edit['mask'].shape[1]} but --image "
                              f"{args.image} is {width}x{height}; they must be the same size")
+    if args.command == "controlnet":
+        edit["control"] = control_arguments(args)
+        height, width = edit["control"][0][1].shape[:2]
     folder = hub.resolve(args.model)
     factor = diffusers_folder.read_config(folder, "vae")[0].downscale_factor
     if (height and height % factor) or (width and width % factor):
@@ -170,10 +225,17 @@ def run_sampling_command(args) -> int:
         result = pipeline.generate(args.prompt, args.negative, height=height, width=width, **settings)
     elif args.command == "img2img":
         result = pipeline.img2img(edit["image"], args.prompt, args.negative, strength=edit["strength"], **settings)
+    elif args.command == "controlnet":
+        from sdjax.control import Control, load_controlnet
+        controls = [Control(load_controlnet(path, dtype=getattr(jnp, args.dtype)), image, scale, start, end)
+                    for path, image, scale, start, end in edit["control"]]
+        result = pipeline.generate(args.prompt, args.negative, height=height, width=width, control=controls,
+                                   guess_mode=args.guess_mode, **settings)
     else:
         result = pipeline.inpaint(edit["image"], edit["mask"], args.prompt, args.negative,
                                   strength=edit["strength"], **settings)
-    print(f"compiled in {result.compile_seconds:.1f} s, sampled and decoded in {result.seconds:.1f} s",
+    cached = f" ({len(_cache_hits)} program(s) read from the persistent compilation cache)" if _cache_hits else ""
+    print(f"compiled in {result.compile_seconds:.1f} s{cached}, sampled and decoded in {result.seconds:.1f} s",
           file=sys.stderr)
     write_images(args, result)
     return 0
@@ -189,7 +251,8 @@ def write_images(args, result) -> None:
             "Schedule type": result.settings["schedule"], "CFG scale": args.cfg, "Seed": seed,
             "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name,
             "Guidance rescale": args.rescale or None, "Clip skip": args.clip_skip,
-            "Denoising strength": getattr(args, "strength", None)})
+            "Denoising strength": getattr(args, "strength", None),
+            "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
         image_io.save_png(path, image, text)
         print(path)
     if args.grid:

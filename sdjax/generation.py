@@ -16,7 +16,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax import denoisers
+from sdjax import control, denoisers, schedules
+from sdjax.models.controlnet import sum_residuals
 from sdjax.samplers import get_sampler
 
 
@@ -35,13 +36,15 @@ class ProgramSpec:
     # Images one after another (lax.map) instead of as one batch (vmap): bitwise the same result for an image
     # whatever batch it is in, since XLA's kernels may round differently at different batch sizes.
     batch_invariant: bool = False
+    controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
+    guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
 
 
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The pure apply functions the program calls; hashable so that jit can treat them as static."""
     encode_text: Callable  # (params, ids, clip_skip) -> (N, 77, D)
-    unet: Callable         # (params, x_vp, t, encoder_hidden_states) -> raw output
+    unet: Callable         # (params, x_vp, t, encoder_hidden_states, down_residuals, mid_residual) -> raw output
     decode: Callable       # (params, scaled latents) -> pixels in [-1, 1]
 
 
@@ -52,15 +55,20 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     inputs: cond_ids, uncond_ids (N, 77); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
     sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
     of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
-    needs them. `on_denoise(denoise) -> denoise` may wrap the denoiser (progress reporting).
+    needs them; for ControlNets control_images (a tuple of (N, H, W, 3) in [0, 1]) and control_scales,
+    control_starts, control_ends (K,). `on_denoise(denoise) -> denoise` may wrap the denoiser (progress).
     """
     sigmas = inputs["sigmas"]
     sampler = get_sampler(spec.sampler)
 
-    def model_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None):
+    def model_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
+                 control_on=None):
+        down, mid = (control_residuals(spec, params["controlnets"], inputs, alphas_cumprod, x_vp, t,
+                                       encoder_hidden_states, control_images, control_on)
+                     if spec.controlnets else (None, None))
         if spec.unet_inpaint_channels:
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
-        return models.unet(params["unet"], x_vp, t, encoder_hidden_states)
+        return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid)
 
     def one_image(per_image):
         """Everything for one image, each array with a batch axis of 1 for the models."""
@@ -71,9 +79,14 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         uncond = models.encode_text(params["text_encoder"], image["uncond_ids"], spec.clip_skip)
         extra = ({"mask": image["mask"], "masked_image_latents": image["masked_image_latents"]}
                  if spec.unet_inpaint_channels else {})
+        cond_control, uncond_control = {}, {}
+        if spec.controlnets:
+            cond_control = {"control_images": image["control_images"], "control_on": jnp.ones((1,))}
+            uncond_control = {"control_images": image["control_images"],
+                              "control_on": jnp.zeros((1,)) if spec.guess_mode else jnp.ones((1,))}
         denoise = denoisers.cfg_denoiser(
-            model_fn, alphas_cumprod, {"encoder_hidden_states": cond, **extra},
-            {"encoder_hidden_states": uncond, **extra}, per_image["guidance_scale"],
+            model_fn, alphas_cumprod, {"encoder_hidden_states": cond, **extra, **cond_control},
+            {"encoder_hidden_states": uncond, **extra, **uncond_control}, per_image["guidance_scale"],
             guidance_rescale=per_image["guidance_rescale"], prediction_type=spec.prediction_type,
             quantize=spec.quantize_timesteps)
         if spec.blend_known_region:
@@ -90,10 +103,38 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         latents = denoisers.to_vp(x, sigmas[-1])
         return to_uint8(models.decode(params["vae"], latents))[0], latents[0]
 
-    per_image = {k: v for k, v in inputs.items() if k not in ("sigmas", "init_noise_sigma")}
+    per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
     if spec.batch_invariant:
         return jax.lax.map(one_image, per_image)
     return jax.vmap(one_image)(per_image)
+
+
+SHARED_INPUTS = ("sigmas", "init_noise_sigma", "control_scales", "control_starts", "control_ends")
+"""Inputs that all images share; every other input has the batch as its leading axis."""
+
+
+def control_residuals(spec: ProgramSpec, controlnet_params, inputs, alphas_cumprod, x_vp, t, encoder_hidden_states,
+                      control_images, control_on):
+    """The summed ControlNet residuals for one U-Net call, each ControlNet scaled by its conditioning scale while
+    the current step lies in its [start, end) window; zero on the unconditional half in guess mode."""
+    sigmas = inputs["sigmas"]
+    steps = sigmas.shape[0] - 1
+    active = control.active_fraction(step_index(t[0], sigmas, alphas_cumprod, spec.quantize_timesteps), steps,
+                                     inputs["control_starts"], inputs["control_ends"])
+    outputs = [module.apply({"params": p}, x_vp, t, encoder_hidden_states, image,
+                            inputs["control_scales"][k] * active[k], guess_mode=spec.guess_mode)
+               for k, (module, p, image) in enumerate(zip(spec.controlnets, controlnet_params, control_images))]
+    down, mid = sum_residuals(outputs)
+    on = control_on.astype(x_vp.dtype)[:, None, None, None]
+    return [r * on for r in down], mid * on
+
+
+def step_index(t, sigmas, alphas_cumprod, quantize: bool):
+    """The sampling step a model call at timestep t belongs to: how many grid points after the first have a
+    timestep >= t (intermediate evaluations of multi-stage samplers count with their step)."""
+    log_sigmas = jnp.log(jnp.asarray(schedules.sigma_table(alphas_cumprod), sigmas.dtype))
+    grid_t = denoisers.sigma_to_t(sigmas[1:-1], log_sigmas, quantize)
+    return jnp.sum(grid_t >= t)
 
 
 def blend(x, image_latents, mask, noise, sigma):

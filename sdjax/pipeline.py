@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import generation, progress, schedules
+from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -47,6 +48,7 @@ class Pipeline:
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.raw_configs = raw_configs or {}
+        self.attention = attention
         self.modules = {name: build_module(name, getattr(configs, name), dtype, attention) for name in _MODULES}
         self._text_fn = jax.jit(self._encode_tokens, static_argnames="clip_skip")
         self._encode_fn = jax.jit(self._encode_pixels)
@@ -115,17 +117,21 @@ class Pipeline:
                  sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
                  seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
                  width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
+                 control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
                  batch_invariant: bool = False, show_progress: bool = False) -> "GenerationResult":
         """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone; `latents` (N, h, w, c)
         replaces that noise, unscaled, as diffusers' `latents` argument does.
 
+        control: ControlNet conditioning (`sdjax.Control`, or a list of them, whose residuals add up);
+        guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
         """
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
-        return self._run(request, plan, inputs, clip_skip, show_progress, batch_invariant=batch_invariant)
+        return self._run(request, plan, inputs, clip_skip, show_progress, control, batch_invariant=batch_invariant,
+                         guess_mode=guess_mode)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
                 noise=None, **settings) -> "GenerationResult":
@@ -154,7 +160,8 @@ class Pipeline:
                                 settings.pop("seeds", None), pixels.shape[1], pixels.shape[2])
         guidance = settings.pop("guidance_scale", 7.5), settings.pop("guidance_rescale", 0.0)
         clip_skip, show = settings.pop("clip_skip", None), settings.pop("show_progress", False)
-        batch_invariant = settings.pop("batch_invariant", False)
+        batch_invariant, controls = settings.pop("batch_invariant", False), settings.pop("control", None)
+        guess_mode = settings.pop("guess_mode", False)
         if settings:
             raise InvalidArgumentError(f"unknown setting(s) {', '.join(sorted(settings))}")
         images = broadcast_batch(pixels, request.count, "image")
@@ -164,8 +171,8 @@ class Pipeline:
             inputs.update(self._mask_inputs(mask, images, request.count))
         spec_overrides = dict(start_from_image=strength < 1.0, blend_known_region=mask is not None
                               and not self.is_inpainting_model, unet_inpaint_channels=mask is not None
-                              and self.is_inpainting_model, batch_invariant=batch_invariant)
-        return self._run(request, run_plan, inputs, clip_skip, show, **spec_overrides)
+                              and self.is_inpainting_model, batch_invariant=batch_invariant, guess_mode=guess_mode)
+        return self._run(request, run_plan, inputs, clip_skip, show, controls, **spec_overrides)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -241,19 +248,35 @@ class Pipeline:
         factor = self.configs.vae.downscale_factor
         return request.height // factor, request.width // factor, self.configs.vae.latent_channels
 
-    def _run(self, request: "Request", plan: SamplingPlan, inputs: dict, clip_skip, show_progress,
+    def _control_inputs(self, controls, request: "Request") -> tuple[dict, tuple, dict]:
+        """(inputs, ControlNet modules, params) for the Control list of a call."""
+        controls = [] if controls is None else [controls] if isinstance(controls, Control) else list(controls)
+        if not controls:
+            return {}, (), {}
+        inputs = {"control_images": control_images(controls, request.count, request.height, request.width),
+                  "control_scales": jnp.asarray([c.scale for c in controls], jnp.float32),
+                  "control_starts": jnp.asarray([c.start for c in controls], jnp.float32),
+                  "control_ends": jnp.asarray([c.end for c in controls], jnp.float32)}
+        modules = tuple(control_model(c, self.dtype, self.attention) for c in controls)
+        return inputs, modules, {"controlnets": tuple(c.controlnet.params for c in controls)}
+
+    def _run(self, request: "Request", plan: SamplingPlan, inputs: dict, clip_skip, show_progress, controls=None,
              **spec_overrides) -> "GenerationResult":
+        control_inputs, controlnets, control_params = self._control_inputs(controls, request)
+        inputs = {**inputs, **control_inputs}
+        params = {**self.params, **control_params}
         spec = generation.ProgramSpec(
             sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options,
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
-            quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, **spec_overrides)
+            quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
+            **spec_overrides)
         # Under vmap the progress callback fires once per evaluation for the whole batch; under lax.map once
         # per image.
         evaluations = (plan.nfe or plan.steps) * (request.count if spec.batch_invariant else 1)
         self._progress_bar = progress.ProgressBar(evaluations, label=plan.sampler) if show_progress else None
-        executable, compile_seconds = self._compiled(inputs, spec, show_progress)
+        executable, compile_seconds = self._compiled(params, inputs, spec, show_progress)
         started = time.perf_counter()
-        images, latents = executable(self.params, inputs)
+        images, latents = executable(params, inputs)
         images = np.asarray(images)
         return GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
                                 settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
@@ -262,7 +285,7 @@ class Pipeline:
                                               height=request.height, width=request.width),
                                 seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
 
-    def _compiled(self, inputs: dict, spec, report: bool):
+    def _compiled(self, params: dict, inputs: dict, spec, report: bool):
         """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
         it was compiled before). Values never enter the key: new prompts, seeds or guidance reuse it."""
         leaves, treedef = jax.tree_util.tree_flatten(inputs)
@@ -270,7 +293,7 @@ class Pipeline:
         if key in self._executables:
             return self._executables[key], 0.0
         started = time.perf_counter()
-        executable = self._program.lower(self.params, inputs, spec=spec, report=report).compile()
+        executable = self._program.lower(params, inputs, spec=spec, report=report).compile()
         self._executables[key] = executable
         return executable, time.perf_counter() - started
 
@@ -312,9 +335,9 @@ class Pipeline:
         vae = self.modules["vae"]
         return vae.apply({"params": params}, unscale_latents(latents, self.configs.vae), method=vae.decode)
 
-    def _unet_apply(self, params, latents, timesteps, embeddings):
+    def _unet_apply(self, params, latents, timesteps, embeddings, down_residuals=None, mid_residual=None):
         return self.modules["unet"].apply({"params": params}, latents.astype(self.dtype), timesteps,
-                                          embeddings.astype(self.dtype))
+                                          embeddings.astype(self.dtype), down_residuals, mid_residual)
 
 
 @dataclasses.dataclass(frozen=True)

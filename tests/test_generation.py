@@ -145,3 +145,52 @@ def test_bad_inputs_fail_before_any_compilation(sd1_folder):
     with pytest.raises(InvalidArgumentError, match=r"seeds has 1 entries for 2 images"):
         pipeline.generate(["a", "b"], seeds=[1], sampler="euler")
     assert pipeline._executables == {}
+
+
+@pytest.fixture(scope="module")
+def controlnet_folders(sd1_folder, tmp_path_factory):
+    """Two perturbed diffusers ControlNets for the tiny SD1 U-Net, saved as diffusers folders."""
+    from diffusers import ControlNetModel
+
+    from tests.fixtures import perturb
+    folders, models = [], []
+    for seed in (5, 6):
+        model = perturb(ControlNetModel.from_unet(sd1_folder[1].unet, conditioning_embedding_out_channels=(16, 32)),
+                        seed=seed)
+        folder = tmp_path_factory.mktemp("controlnet") / f"controlnet-{seed}"
+        model.save_pretrained(folder, safe_serialization=True)
+        folders.append(folder)
+        models.append(model)
+    return folders, models
+
+
+@pytest.mark.parametrize("guess_mode", [False, True])
+def test_controlnet_matches_diffusers(sd1_folder, controlnet_folders, guess_mode):
+    from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
+    folder, reference = sd1_folder
+    pipeline = sdjax.load_pipeline(folder)
+    rng = np.random.default_rng(4)
+    hints = [rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8) for _ in range(2)]
+    noise = rng.normal(size=(1, 16, 16, 4)).astype(np.float32)
+    windows = [(0.0, 0.6), (0.2, 1.0)]
+    scales = [0.7, 1.3]
+    controls = [sdjax.Control(sdjax.load_controlnet(f), hint, scale=scale, start=start, end=end)
+                for f, hint, scale, (start, end) in zip(controlnet_folders[0], hints, scales, windows)]
+    ours = pipeline.generate(PROMPTS[0], NEGATIVE[0], steps=5, guidance_scale=7.0, sampler="euler",
+                             schedule="linspace", latents=noise, height=SIZE, width=SIZE, control=controls,
+                             guess_mode=guess_mode)
+    theirs = StableDiffusionControlNetPipeline(
+        **euler_components(reference), controlnet=MultiControlNetModel(controlnet_folders[1]))(
+        PROMPTS[0], image=[Image.fromarray(h) for h in hints], negative_prompt=NEGATIVE[0], num_inference_steps=5,
+        guidance_scale=7.0, latents=nchw(noise), height=SIZE, width=SIZE, controlnet_conditioning_scale=scales,
+        control_guidance_start=[w[0] for w in windows], control_guidance_end=[w[1] for w in windows],
+        guess_mode=guess_mode, output_type="np").images
+    assert_images_match(ours.images, theirs)
+
+
+def test_control_image_of_the_wrong_size_is_refused(sd1_folder, controlnet_folders):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    control = sdjax.Control(sdjax.load_controlnet(controlnet_folders[0][0]), np.zeros((16, 16, 3), np.uint8))
+    with pytest.raises(InvalidArgumentError, match=r"control image 0 has shape \(1, 16, 16, 3\); expected .*32x32"):
+        pipeline.generate("a cat", height=SIZE, width=SIZE, sampler="euler", control=control)
+    assert pipeline._executables == {}

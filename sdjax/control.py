@@ -1,0 +1,76 @@
+"""ControlNet conditioning for generation: load a diffusers ControlNet folder, describe how it steers a call.
+
+    canny = sdjax.load_controlnet("path/to/controlnet-canny")
+    pipeline.generate("a house", control=[sdjax.Control(canny, edges, scale=0.8, end=0.6)])
+
+Several `Control`s add their residuals (diffusers' MultiControlNetModel). `start`/`end` are fractions of the
+sampling steps during which the ControlNet acts, as diffusers' control_guidance_start/_end.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.errors import InvalidArgumentError
+from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.weights import controlnet_folder
+
+
+@dataclasses.dataclass(eq=False)
+class ControlNet:
+    """A loaded ControlNet: its config and params (a Flax param tree)."""
+    config: ControlNetConfig
+    params: Any
+    name: str = "controlnet"
+
+
+@dataclasses.dataclass(eq=False)
+class Control:
+    """One ControlNet's part in a call: control image(s) uint8 (N or 1, H, W, 3) at the output size (or float in
+    [0, 1]), conditioning scale, and the fractions of the steps [start, end) in which it is applied."""
+    controlnet: ControlNet
+    image: Any
+    scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self):
+        if not 0.0 <= self.start < self.end <= 1.0:
+            raise InvalidArgumentError(f"Control start={self.start} and end={self.end} must satisfy "
+                                       f"0 <= start < end <= 1")
+
+
+def load_controlnet(path: str | os.PathLike, *, dtype=jnp.float32, variant: str | None = None) -> ControlNet:
+    """A ControlNet from a diffusers ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors)."""
+    config, params = controlnet_folder.load_controlnet(path, dtype=dtype, variant=variant)
+    return ControlNet(config, params, name=os.path.basename(os.path.normpath(path)))
+
+
+def control_images(controls: list[Control], count: int, height: int, width: int) -> tuple:
+    """Each Control's images as float32 (count, H, W, 3) in [0, 1], checked against the output size."""
+    images = []
+    for k, control in enumerate(controls):
+        image = np.asarray(control.image)
+        image = image[None] if image.ndim == 3 else image
+        if image.ndim != 4 or image.shape[1:] != (height, width, 3) or image.shape[0] not in (1, count):
+            raise InvalidArgumentError(
+                f"control image {k} has shape {image.shape}; expected (1 or {count}, {height}, {width}, 3), "
+                f"the output size {width}x{height}: resize the control image to it")
+        unit = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        images.append(jnp.asarray(np.broadcast_to(unit, (count, height, width, 3))))
+    return tuple(images)
+
+
+def control_model(control: Control, dtype, attention: str) -> ControlNetModel:
+    return ControlNetModel(control.controlnet.config, dtype=dtype, param_dtype=dtype,
+                           attention_implementation=attention)
+
+
+def active_fraction(step, steps, start, end):
+    """1 where step `step` of `steps` lies inside [start, end) as diffusers counts it, else 0."""
+    outside = (step / steps < start) | ((step + 1) / steps > end)
+    return 1.0 - outside.astype(jnp.float32)

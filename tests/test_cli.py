@@ -1,0 +1,78 @@
+"""The `sdjax` command, run as a user would (a subprocess), on the tiny SD1 folder."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdjax import cli, images
+
+BASE = ["--steps", "2", "--sampler", "euler", "--schedule", "karras", "--size", "16x16"]
+
+
+def sdjax_command(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "sdjax.cli", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+
+
+def test_help_documents_every_option():
+    parser = cli.build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    text = generate.format_help()
+    for action in generate._actions:
+        assert action.help, f"option {action.option_strings} has no help"
+        for flag in action.option_strings:
+            assert flag in text
+    for required in ("--negative", "--model", "--steps", "--sampler", "--schedule", "--cfg", "--seed", "-n",
+                     "--size", "--out", "--grid", "--progress"):
+        assert required in text
+
+
+def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp_path):
+    result = sdjax_command("generate", "a photo of a cat", "--negative", "blurry", "--model", str(sd1_folder[0]),
+                           *BASE, "-n", "2", "--seed", "7", "--out", str(tmp_path), "--grid", "--progress",
+                           "--no-compile-cache")
+    assert result.returncode == 0, result.stderr
+    assert "euler 2/2 [" in result.stderr and "compiled in" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-7.png", "00001-8.png", "grid.png"]
+    text = images.read_parameters(tmp_path / "00001-8.png")
+    assert text.splitlines()[:2] == ["a photo of a cat", "Negative prompt: blurry"]
+    assert "Steps: 2, Sampler: euler, Schedule type: karras, CFG scale: 7.5, Seed: 8, Size: 16x16" in text
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (32, 16)
+
+
+def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path):
+    cache = tmp_path / "cache"
+    args = ["generate", "a cat", "--model", str(sd1_folder[0]), *BASE, "--no-progress", "--cache-dir", str(cache)]
+    first = sdjax_command(*args, "--out", str(tmp_path / "first.png"))
+    assert first.returncode == 0, first.stderr
+    assert any(p.name.startswith("jit__run_program") for p in cache.iterdir())
+    assert "read from the persistent compilation cache" not in first.stderr
+    second = sdjax_command(*args, "--out", str(tmp_path / "second.png"))
+    assert second.returncode == 0, second.stderr
+    assert "read from the persistent compilation cache" in second.stderr
+    np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "second.png"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--size", "17x16"], "size 17x16 must be a multiple of the VAE factor 2"),
+    (["generate", "x", "--sampler", "eulr"], "unknown sampler 'eulr'"),
+    (["generate", "x", "--out", "{tmp}/missing/out.png"], "folder {tmp}/missing does not exist"),
+    (["img2img", "x", "--image", "{tmp}/image.png", "--strength", "1.5"], "must be within [0, 1], got 1.5"),
+    (["inpaint", "x", "--image", "{tmp}/image.png", "--mask", "{tmp}/small.png"], "they must be the same size"),
+    (["controlnet", "x", "--controlnet", "{tmp}", "--control-image", "{tmp}/image.png"],
+     "not a diffusers ControlNet folder"),
+])
+def test_bad_arguments_fail_fast_without_output(sd1_folder, tmp_path, args, message):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "image.png")
+    Image.fromarray(np.zeros((8, 16), np.uint8)).save(tmp_path / "small.png")
+    before = set(tmp_path.iterdir())
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = [] if "--out" in args else ["--out", str(tmp_path / "out.png")]
+    result = sdjax_command(*args, "--model", str(sd1_folder[0]), *out)
+    assert result.returncode == 2
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert set(tmp_path.iterdir()) == before
