@@ -251,3 +251,10 @@ def test_bad_arguments(sd1_folder, tmp_path):
         pipeline.encode_prompt("a cat")
     with pytest.raises(InvalidArgumentError, match="multiple of the VAE factor 2"):
         pipeline.encode_image(np.zeros((1, 33, 32, 3), np.uint8))
+
+
+def test_long_prompts_warn_how_many_tokens_are_dropped(sd1_folder):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    with pytest.warns(UserWarning, match=r"prompt 1 has 102 tokens; the text encoder reads 77, so the last 25"):
+        embeddings = pipeline.encode_prompt(["a cat", "cat " * 100])
+    assert embeddings.shape == (2, 77, 32)
