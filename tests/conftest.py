@@ -30,3 +30,17 @@ def sd1_inpaint_folder(tmp_path_factory):
     from tests import fixtures
     folder = tmp_path_factory.mktemp("sd1_inpaint") / "model"
     return folder, fixtures.save_pipeline_folder(fixtures.SD1, folder, unet_in_channels=9)
+
+
+@pytest.fixture
+def without_torch(monkeypatch):
+    """Call it to make `import torch` fail from then on in the test, as on a machine without torch."""
+    import builtins
+    real_import = builtins.__import__
+
+    def refuse_torch(name, *args, **kwargs):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("No module named 'torch'")
+        return real_import(name, *args, **kwargs)
+
+    return lambda: monkeypatch.setattr(builtins, "__import__", refuse_torch)

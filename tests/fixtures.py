@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from tests.models import perturb_
 from tests.tokenizer_fixture import make_clip_tokenizer
 
 BLOCKS = (32, 64)
@@ -33,14 +34,6 @@ SD2 = Variant(attention_head_dim=(2, 4), use_linear_projection=True, upcast_atte
               hidden_act="gelu", prediction_type="v_prediction")
 
 
-def perturb(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=generator) * scale)
-    return model.eval()
-
-
 def build_unet(variant: Variant, in_channels: int = 4) -> UNet2DConditionModel:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -48,7 +41,7 @@ def build_unet(variant: Variant, in_channels: int = 4) -> UNet2DConditionModel:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=32, norm_num_groups=16, attention_head_dim=variant.attention_head_dim,
         use_linear_projection=variant.use_linear_projection, upcast_attention=variant.upcast_attention)
-    return perturb(unet, seed=1)
+    return perturb_(unet, seed=1)
 
 
 def build_vae() -> AutoencoderKL:
@@ -56,7 +49,7 @@ def build_vae() -> AutoencoderKL:
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=BLOCKS, latent_channels=4,
                         layers_per_block=1, norm_num_groups=16,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    return perturb(vae, seed=2)
+    return perturb_(vae, seed=2)
 
 
 def build_text_encoder(variant: Variant, tokenizer) -> CLIPTextModel:
@@ -64,7 +57,7 @@ def build_text_encoder(variant: Variant, tokenizer) -> CLIPTextModel:
     config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
                             num_attention_heads=4, hidden_act=variant.hidden_act, bos_token_id=tokenizer.bos_token_id,
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return perturb(CLIPTextModel(config), seed=3)
+    return perturb_(CLIPTextModel(config), seed=3)
 
 
 def build_scheduler(variant: Variant):

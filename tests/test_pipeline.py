@@ -11,27 +11,18 @@ import torch
 
 import sdjax
 from sdjax.errors import ConfigError, InvalidArgumentError, MissingComponentError, OfflineError, WeightsError
+from tests.models import errors, nchw, nhwc
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, detailed oil painting", ""]
 
 
-def rel_l2(ours, reference):
-    ours, reference = np.asarray(ours, np.float64), np.asarray(reference, np.float64)
-    return np.linalg.norm(ours - reference) / np.linalg.norm(reference)
-
-
 def assert_close(ours, reference, rel=1e-5):
-    error = rel_l2(ours, reference)
-    max_abs = np.abs(np.asarray(ours, np.float64) - np.asarray(reference, np.float64)).max()
+    error, max_abs = errors(ours, reference)
     assert error < rel, f"relative L2 {error:.2e} (max-abs {max_abs:.2e}) exceeds {rel:.0e}"
 
 
-def nchw(array):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 3, 1, 2)))
-
-
-def nhwc(tensor):
-    return tensor.detach().numpy().transpose(0, 2, 3, 1)
+def torch_nchw(array):
+    return torch.from_numpy(nchw(np.asarray(array, np.float32)))
 
 
 @pytest.fixture(scope="module", params=["sd1", "sd2"])
@@ -59,14 +50,14 @@ def test_vae_encode_and_decode_match_diffusers(loaded):
     images = np.random.default_rng(0).integers(0, 256, size=(2, 32, 48, 3), dtype=np.uint8)
     vae = reference.vae
     with torch.no_grad():
-        posterior = vae.encode(nchw(images / 127.5 - 1.0)).latent_dist
+        posterior = vae.encode(torch_nchw(images / 127.5 - 1.0)).latent_dist
         expected_latents = nhwc(posterior.mean) * vae.config.scaling_factor
     latents = pipeline.encode_image(images)
     assert latents.shape == (2, 16, 24, 4)  # the tiny VAE downsamples by 2
     assert_close(latents, expected_latents)
 
     with torch.no_grad():
-        decoded = vae.decode(nchw(expected_latents) / vae.config.scaling_factor).sample
+        decoded = vae.decode(torch_nchw(expected_latents) / vae.config.scaling_factor).sample
     expected_images = reference.image_processor.postprocess(decoded, output_type="np")
     ours = pipeline.decode_latents(expected_latents)
     assert ours.dtype == np.uint8 and ours.shape == (2, 32, 48, 3)
@@ -82,7 +73,7 @@ def test_unet_output_matches_diffusers(loaded):
     timesteps = np.array([999, 500, 1], np.int32)
     embeddings = rng.normal(size=(3, 77, 32)).astype(np.float32)
     with torch.no_grad():
-        expected = reference.unet(nchw(latents), torch.from_numpy(timesteps),
+        expected = reference.unet(torch_nchw(latents), torch.from_numpy(timesteps),
                                   torch.from_numpy(embeddings)).sample
     assert_close(pipeline.unet_output(latents, timesteps, embeddings), nhwc(expected))
 
@@ -217,18 +208,10 @@ def test_unsupported_config_feature(broken_copy):
         sdjax.load_pipeline(broken_copy)
 
 
-def test_pickle_weights_without_torch(sd1_folder, tmp_path, monkeypatch):
+def test_pickle_weights_without_torch(sd1_folder, tmp_path, without_torch):
     folder = tmp_path / "bin"
     sd1_folder[1].save_pretrained(folder, safe_serialization=False)
-    import builtins
-    real_import = builtins.__import__
-
-    def no_torch(name, *args, **kwargs):
-        if name == "torch":
-            raise ImportError("torch is not installed")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torch)
+    without_torch()
     with pytest.raises(WeightsError, match=r"diffusion_pytorch_model.bin is a PyTorch pickle and torch is not"):
         sdjax.load_pipeline(folder)
 

@@ -79,15 +79,7 @@ def test_torch_pickles_load_only_weights(tmp_path):
         tensors.read_torch_pickle(evil)
 
 
-def test_pickle_without_torch_is_a_clear_error(tmp_path, monkeypatch):
-    import builtins
-    real_import = builtins.__import__
-
-    def no_torch(name, *args, **kwargs):
-        if name == "torch":
-            raise ImportError("no torch")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_torch)
+def test_pickle_without_torch_is_a_clear_error(tmp_path, without_torch):
+    without_torch()
     with pytest.raises(WeightsError, match="pytorch_model.bin is a PyTorch pickle and torch is not installed"):
         tensors.read_torch_pickle(tmp_path / "pytorch_model.bin")
