@@ -18,19 +18,25 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 def enable_compile_cache(folder: str | os.PathLike | None = None) -> Path:
     """Turn on JAX's persistent compilation cache, so a new process reuses earlier compilations.
 
-    folder: default $SDJAX_CACHE_DIR or ~/.cache/sdjax/jax-compilation.
+    folder: default $SDJAX_CACHE_DIR, else a cache folder JAX was already given (JAX_COMPILATION_CACHE_DIR),
+    else ~/.cache/sdjax/jax-compilation.
     """
     import jax
 
-    folder = Path(folder or os.environ.get("SDJAX_CACHE_DIR") or DEFAULT_CACHE).expanduser()
+    folder = Path(folder or os.environ.get("SDJAX_CACHE_DIR") or jax.config.jax_compilation_cache_dir
+                  or DEFAULT_CACHE).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    jax.monitoring.register_event_listener(_count_cache_hit)
+    global _listening
+    if not _listening:  # one listener per process, however often the cache is enabled
+        jax.monitoring.register_event_listener(_count_cache_hit)
+        _listening = True
     return folder
 
 
-_cache_hits = []
+_cache_hits: list[str] = []
+_listening = False
 
 
 def _count_cache_hit(event: str, **_) -> None:

@@ -16,8 +16,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, denoisers, schedules
+from sdjax import control, denoisers
 from sdjax.models.controlnet import sum_residuals
+from sdjax.scheduler_config import pin_timesteps
 from sdjax.samplers import get_sampler
 
 
@@ -36,6 +37,8 @@ class ProgramSpec:
     # Images one after another (lax.map) instead of as one batch (vmap): bitwise the same result for an image
     # whatever batch it is in, since XLA's kernels may round differently at different batch sizes.
     batch_invariant: bool = False
+    pinned_timesteps: bool = False  # inputs["model_timesteps"] fixes the U-Net's timestep per sigma
+    ve_latents: bool = False  # the final x goes to the VAE unconverted (diffusers' Euler-family schedulers)
     controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
     guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
 
@@ -56,39 +59,48 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
     of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
     needs them; for ControlNets control_images (a tuple of (N, H, W, 3) in [0, 1]) and control_scales,
-    control_starts, control_ends (K,). `on_denoise(denoise) -> denoise` may wrap the denoiser (progress).
+    control_starts, control_ends (K,); model_timesteps (rows of (sigma, t)) when the spec pins them.
+    `on_denoise(denoise) -> denoise` may wrap the denoiser (progress reporting).
     """
     sigmas = inputs["sigmas"]
     sampler = get_sampler(spec.sampler)
 
-    def model_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
-                 control_on=None):
-        down, mid = (control_residuals(spec, params["controlnets"], inputs, alphas_cumprod, x_vp, t,
-                                       encoder_hidden_states, control_images, control_on)
-                     if spec.controlnets else (None, None))
+    def unet_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
+                control_scales=None):
+        down, mid = ((control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
+                                        control_scales)) if spec.controlnets else (None, None))
         if spec.unet_inpaint_channels:
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
         return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid)
+
+    model_fn = (pin_timesteps(unet_fn, alphas_cumprod, inputs["model_timesteps"], spec.quantize_timesteps)
+                if spec.pinned_timesteps else unet_fn)
 
     def one_image(per_image):
         """Everything for one image, each array with a batch axis of 1 for the models."""
         image = jax.tree.map(lambda v: v[None], per_image)
         noise_key, sampler_key = jax.random.split(jax.random.key(per_image["seeds"]))
         noise = image["noise"] if "noise" in image else jax.random.normal(noise_key, (1, *spec.latent_shape))
-        cond = models.encode_text(params["text_encoder"], image["cond_ids"], spec.clip_skip)
-        uncond = models.encode_text(params["text_encoder"], image["uncond_ids"], spec.clip_skip)
-        extra = ({"mask": image["mask"], "masked_image_latents": image["masked_image_latents"]}
-                 if spec.unet_inpaint_channels else {})
-        cond_control, uncond_control = {}, {}
-        if spec.controlnets:
-            cond_control = {"control_images": image["control_images"], "control_on": jnp.ones((1,))}
-            uncond_control = {"control_images": image["control_images"],
-                              "control_on": jnp.zeros((1,)) if spec.guess_mode else jnp.ones((1,))}
-        denoise = denoisers.cfg_denoiser(
-            model_fn, alphas_cumprod, {"encoder_hidden_states": cond, **extra, **cond_control},
-            {"encoder_hidden_states": uncond, **extra, **uncond_control}, per_image["guidance_scale"],
-            guidance_rescale=per_image["guidance_rescale"], prediction_type=spec.prediction_type,
-            quantize=spec.quantize_timesteps)
+        cond = {"encoder_hidden_states": models.encode_text(params["text_encoder"], image["cond_ids"],
+                                                            spec.clip_skip)}
+        uncond = {"encoder_hidden_states": models.encode_text(params["text_encoder"], image["uncond_ids"],
+                                                              spec.clip_skip)}
+        if spec.unet_inpaint_channels:
+            for side in (cond, uncond):
+                side.update(mask=image["mask"], masked_image_latents=image["masked_image_latents"])
+
+        def denoise(x, sigma):
+            cond_now, uncond_now = cond, uncond
+            if spec.controlnets:  # scales depend on the step, so the conditioning is built per call
+                scales = control_scales(inputs, sigma)[None]
+                cond_now = {**cond, "control_images": image["control_images"], "control_scales": scales}
+                uncond_now = {**uncond, "control_images": image["control_images"],
+                              "control_scales": jnp.zeros_like(scales) if spec.guess_mode else scales}
+            return denoisers.cfg_denoiser(
+                model_fn, alphas_cumprod, cond_now, uncond_now, per_image["guidance_scale"],
+                guidance_rescale=per_image["guidance_rescale"], prediction_type=spec.prediction_type,
+                quantize=spec.quantize_timesteps)(x, sigma)
+
         if spec.blend_known_region:
             denoise = keep_known_region(denoise, image["image_latents"], image["mask"], noise, sigmas[0])
         if on_denoise is not None:
@@ -100,7 +112,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         x = sampler(denoise, x, sigmas, sampler_key, **dict(spec.options))
         if spec.blend_known_region:
             x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
-        latents = denoisers.to_vp(x, sigmas[-1])
+        latents = x if spec.ve_latents else denoisers.to_vp(x, sigmas[-1])
         return to_uint8(models.decode(params["vae"], latents))[0], latents[0]
 
     per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
@@ -109,32 +121,27 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     return jax.vmap(one_image)(per_image)
 
 
-SHARED_INPUTS = ("sigmas", "init_noise_sigma", "control_scales", "control_starts", "control_ends")
+SHARED_INPUTS = ("sigmas", "init_noise_sigma", "model_timesteps", "control_scales", "control_starts",
+                 "control_ends")
 """Inputs that all images share; every other input has the batch as its leading axis."""
 
 
-def control_residuals(spec: ProgramSpec, controlnet_params, inputs, alphas_cumprod, x_vp, t, encoder_hidden_states,
-                      control_images, control_on):
-    """The summed ControlNet residuals for one U-Net call, each ControlNet scaled by its conditioning scale while
-    the current step lies in its [start, end) window; zero on the unconditional half in guess mode."""
+def control_scales(inputs, sigma):
+    """Each ControlNet's conditioning scale at noise level sigma: its scale inside its [start, end) window of
+    steps, else 0. The step of an evaluation is the number of grid points after the first at or above sigma, so
+    the intermediate evaluations of multi-stage samplers count with their step."""
     sigmas = inputs["sigmas"]
-    steps = sigmas.shape[0] - 1
-    active = control.active_fraction(step_index(t[0], sigmas, alphas_cumprod, spec.quantize_timesteps), steps,
-                                     inputs["control_starts"], inputs["control_ends"])
-    outputs = [module.apply({"params": p}, x_vp, t, encoder_hidden_states, image,
-                            inputs["control_scales"][k] * active[k], guess_mode=spec.guess_mode)
+    step = jnp.sum(sigmas[1:-1] >= sigma)
+    active = control.active_fraction(step, sigmas.shape[0] - 1, inputs["control_starts"], inputs["control_ends"])
+    return inputs["control_scales"] * active
+
+
+def control_residuals(spec: ProgramSpec, controlnet_params, x_vp, t, encoder_hidden_states, control_images, scales):
+    """The summed residuals of the ControlNets for one U-Net call; `scales` (batch, K) are their scales."""
+    outputs = [module.apply({"params": p}, x_vp, t, encoder_hidden_states, image, scales[:, k, None, None, None],
+                            guess_mode=spec.guess_mode)
                for k, (module, p, image) in enumerate(zip(spec.controlnets, controlnet_params, control_images))]
-    down, mid = sum_residuals(outputs)
-    on = control_on.astype(x_vp.dtype)[:, None, None, None]
-    return [r * on for r in down], mid * on
-
-
-def step_index(t, sigmas, alphas_cumprod, quantize: bool):
-    """The sampling step a model call at timestep t belongs to: how many grid points after the first have a
-    timestep >= t (intermediate evaluations of multi-stage samplers count with their step)."""
-    log_sigmas = jnp.log(jnp.asarray(schedules.sigma_table(alphas_cumprod), sigmas.dtype))
-    grid_t = denoisers.sigma_to_t(sigmas[1:-1], log_sigmas, quantize)
-    return jnp.sum(grid_t >= t)
+    return sum_residuals(outputs)
 
 
 def blend(x, image_latents, mask, noise, sigma):

@@ -21,6 +21,7 @@ from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
+from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub
 
 _MODULES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
@@ -54,7 +55,9 @@ class Pipeline:
         self._encode_fn = jax.jit(self._encode_pixels)
         self._decode_fn = jax.jit(self._decode_scaled)
         self._unet_fn = jax.jit(self._unet_apply)
-        self.alphas_cumprod = schedules.alphas_cumprod_from_config(scheduler_config)
+        self.alphas_cumprod = schedules.alphas_cumprod_from_config(
+            resolve_config(scheduler_config) if scheduler_config.get("_class_name") in CLASS_DEFAULTS
+            else scheduler_config)
         self._models = generation.Models(self._encode_tokens, self._unet_apply, self._decode_scaled)
         self._program = jax.jit(self._run_program, static_argnames=("spec", "report"))
         self._executables: dict = {}  # (spec, report, input shapes) -> compiled generation program
@@ -108,8 +111,8 @@ class Pipeline:
         """The sampler, options and sigma grid a call with these settings runs. With neither sampler nor
         schedule, the folder's scheduler_config.json decides, as in diffusers."""
         if sampler is None and schedule is None:
-            from sdjax.scheduler_config import plan_from_scheduler_config
-            return plan_from_scheduler_config(self.scheduler_config, steps, self.alphas_cumprod)
+            plan = plan_from_scheduler_config(self.scheduler_config, steps, self.alphas_cumprod)
+            return dataclasses.replace(plan, schedule=plan.schedule or self.scheduler_config["_class_name"])
         return plan_from_names(sampler, schedule, steps, self.alphas_cumprod, sampler_options)
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -264,12 +267,14 @@ class Pipeline:
              **spec_overrides) -> "GenerationResult":
         control_inputs, controlnets, control_params = self._control_inputs(controls, request)
         inputs = {**inputs, **control_inputs}
+        if plan.model_timesteps is not None:
+            inputs["model_timesteps"] = jnp.asarray(plan.model_timesteps, jnp.float32)
         params = {**self.params, **control_params}
         spec = generation.ProgramSpec(
             sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options,
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
-            **spec_overrides)
+            pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec_overrides)
         # Under vmap the progress callback fires once per evaluation for the whole batch; under lax.map once
         # per image.
         evaluations = (plan.nfe or plan.steps) * (request.count if spec.batch_invariant else 1)
@@ -382,10 +387,10 @@ def build_module(name: str, config, dtype, attention: str):
 def expected_params(name: str, config) -> Any:
     """Shapes of the params of component `name` (no memory allocated)."""
     module = build_module(name, config, jnp.float32, "einsum")
-    return jax.eval_shape(module.init, jax.random.key(0), *_example_inputs(name, config))["params"]
+    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs(name, config))["params"]
 
 
-def _example_inputs(name: str, config) -> tuple:
+def example_inputs(name: str, config) -> tuple:
     """The smallest inputs that trace component `name` (only their shapes matter, for init)."""
     if name == "text_encoder":
         return (jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32),)

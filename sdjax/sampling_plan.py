@@ -27,6 +27,11 @@ class SamplingPlan:
     init_noise_sigma: how much the unit-variance starting noise is scaled by (diffusers' `init_noise_sigma`
     in VE scaling; k-diffusion uses sigmas[0]). quantize_timesteps: the U-Net sees the nearest training
     timestep instead of the interpolated one (diffusers' solvers on Karras grids round their timesteps).
+    model_timesteps: None, or rows (sigma, t) pinning the timestep t the U-Net is given at each noise level the
+    sampler evaluates, where neither interpolation nor rounding gives diffusers' (its linear-in-sigma spacing,
+    truncated timesteps); `sdjax.scheduler_config.pin_timesteps` applies them.
+    ve_latents: the final x goes to the VAE as it is instead of as x / sqrt(1 + sigmas[-1]^2) (diffusers'
+    Euler-family schedulers do this; it differs only for grids ending above 0).
     """
     sampler: str
     sigmas: np.ndarray
@@ -34,6 +39,8 @@ class SamplingPlan:
     init_noise_sigma: float | None = None
     quantize_timesteps: bool = False
     schedule: str | None = None
+    model_timesteps: np.ndarray | None = None
+    ve_latents: bool = False
 
     def __post_init__(self):
         get_sampler(self.sampler)  # fail early on an unknown name
@@ -60,7 +67,11 @@ class SamplingPlan:
         if kept == 0:
             raise InvalidArgumentError(f"strength={strength} with steps={self.steps} leaves no step to run; "
                                        f"raise strength or steps")
-        return dataclasses.replace(self, sigmas=self.sigmas[self.steps - kept:])
+        start = self.steps - kept
+        options = dict(self.options)
+        if "targets" in options:  # ddim_fixed_stride: one target noise level per step
+            options["targets"] = tuple(options["targets"])[start:]
+        return dataclasses.replace(self, sigmas=self.sigmas[start:], options=tuple(sorted(options.items())))
 
 
 def plan_from_names(sampler: str | None, schedule: str | None, steps: int, alphas_cumprod: np.ndarray,

@@ -67,14 +67,16 @@ def test_txt2img_matches_diffusers(loaded):
     assert_images_match(ours.images, theirs)
 
 
-def test_img2img_matches_diffusers(sd1_folder, encode_with_posterior_mean):
-    folder, reference = sd1_folder
+@pytest.mark.parametrize("model, sampler", [("sd1", "euler"), ("sd2", None)])
+def test_img2img_matches_diffusers(model, sampler, request, encode_with_posterior_mean):
+    folder, reference = request.getfixturevalue(f"{model}_folder")
     pipeline = sdjax.load_pipeline(folder)
     image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     noise = torch_noise((1, 16, 16, 4), seed=3)
     ours = pipeline.img2img(image, PROMPTS[0], NEGATIVE[0], strength=0.6, steps=5, guidance_scale=7.0,
-                            sampler="euler", schedule="linspace", noise=noise)
-    theirs = StableDiffusionImg2ImgPipeline(**euler_components(reference))(
+                            sampler=sampler, schedule="linspace" if sampler else None, noise=noise)
+    components = euler_components(reference) if sampler else reference.components  # else the folder's DDIM
+    theirs = StableDiffusionImg2ImgPipeline(**components)(
         PROMPTS[0], image=Image.fromarray(image[0]), negative_prompt=NEGATIVE[0], strength=0.6, num_inference_steps=5,
         guidance_scale=7.0, generator=torch.Generator().manual_seed(3), output_type="np").images
     assert_images_match(ours.images, theirs)
@@ -152,10 +154,10 @@ def controlnet_folders(sd1_folder, tmp_path_factory):
     """Two perturbed diffusers ControlNets for the tiny SD1 U-Net, saved as diffusers folders."""
     from diffusers import ControlNetModel
 
-    from tests.fixtures import perturb
+    from tests.models import perturb_
     folders, models = [], []
     for seed in (5, 6):
-        model = perturb(ControlNetModel.from_unet(sd1_folder[1].unet, conditioning_embedding_out_channels=(16, 32)),
+        model = perturb_(ControlNetModel.from_unet(sd1_folder[1].unet, conditioning_embedding_out_channels=(16, 32)),
                         seed=seed)
         folder = tmp_path_factory.mktemp("controlnet") / f"controlnet-{seed}"
         model.save_pretrained(folder, safe_serialization=True)
@@ -194,3 +196,57 @@ def test_control_image_of_the_wrong_size_is_refused(sd1_folder, controlnet_folde
     with pytest.raises(InvalidArgumentError, match=r"control image 0 has shape \(1, 16, 16, 3\); expected .*32x32"):
         pipeline.generate("a cat", height=SIZE, width=SIZE, sampler="euler", control=control)
     assert pipeline._executables == {}
+
+
+# Every deterministic diffusers scheduler, honoured from scheduler_config.json with sampler=None, on both tiny
+# models (SD1: epsilon, SD2: v-prediction). The folders' own schedulers are SD 1.5's PNDM and SD 2.1's DDIM configs.
+SCHEDULERS = [
+    ("PNDMScheduler", {}),
+    ("DDIMScheduler", {"clip_sample": False}),
+    ("LMSDiscreteScheduler", {}),
+    ("EulerDiscreteScheduler", {}),
+    ("HeunDiscreteScheduler", {}),
+    ("KDPM2DiscreteScheduler", {}),
+    ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    ("DPMSolverSinglestepScheduler", {}),
+    ("UniPCMultistepScheduler", {}),
+    ("DEISMultistepScheduler", {}),
+]
+SCHEDULER_CASES = [(model, name, overrides) for name, overrides in SCHEDULERS for model in ("sd1", "sd2")
+                   # sdjax refuses PNDM with v-prediction (ConfigError): diffusers' PNDM extrapolates raw v
+                   if not (name == "PNDMScheduler" and model == "sd2")]
+SCHEDULER_CASES += [
+    ("sd2", "EulerDiscreteScheduler", {"timestep_spacing": "leading"}),
+    ("sd1", "KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),  # rounded Karras midpoints: pinned timesteps
+    ("sd1", "DDIMScheduler", {"timestep_spacing": "trailing", "clip_sample": False}),  # uneven strides
+]
+
+
+def folder_with_scheduler(folder, scheduler, target):
+    """A copy of a model folder (components linked, not copied) whose scheduler config is `scheduler`'s."""
+    import json
+    target.mkdir()
+    for component in ("unet", "vae", "text_encoder", "tokenizer"):
+        (target / component).symlink_to(folder / component)
+    scheduler.save_config(target / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (target / "model_index.json").write_text(json.dumps(index))
+    return target
+
+
+@pytest.mark.parametrize("model, class_name, overrides", SCHEDULER_CASES,
+                         ids=[f"{m}-{c}{'-' + '-'.join(o) if o else ''}" for m, c, o in SCHEDULER_CASES])
+def test_scheduler_config_is_honoured_like_diffusers(model, class_name, overrides, request, tmp_path):
+    import diffusers
+    folder, reference = request.getfixturevalue(f"{model}_folder")
+    scheduler = getattr(diffusers, class_name).from_config(reference.scheduler.config, **overrides)
+    pipeline = sdjax.load_pipeline(folder_with_scheduler(folder, scheduler, tmp_path / "model"))
+    noise = np.random.default_rng(5).normal(size=(1, 16, 16, 4)).astype(np.float32)
+    ours = pipeline.generate(PROMPTS[1], NEGATIVE[1], steps=5, guidance_scale=7.0, latents=noise, height=SIZE,
+                             width=SIZE)
+    theirs = StableDiffusionPipeline(**{**reference.components, "scheduler": scheduler})(
+        PROMPTS[1], negative_prompt=NEGATIVE[1], num_inference_steps=5, guidance_scale=7.0, latents=nchw(noise),
+        height=SIZE, width=SIZE, output_type="np").images
+    assert_images_match(ours.images, theirs)

@@ -73,6 +73,14 @@ def up_block_kwargs(config: UNetConfig, i: int) -> dict[str, Any]:
     return kwargs
 
 
+def _maybe_remat(module: nn.Module, block: type, static_argnums: tuple[int, ...] = ()) -> type:
+    """`block`, rematerialised (activations recomputed in the backward pass) when `module.remat` is set: peak
+    training memory then holds one block's activations instead of the whole U-Net's."""
+    if getattr(module, "remat", False):
+        return nn.remat(block, static_argnums=static_argnums)
+    return block
+
+
 def embed_timesteps(module: nn.Module, config: UNetConfig, timesteps, batch: int):
     """The time embedding (B, 4 * block_out_channels[0]); creates `time_embedding` as a child of `module`
     (call from a compact method). Shared by the U-Net and the ControlNet, whose weights use the same names."""
@@ -89,7 +97,7 @@ def down_path(module: nn.Module, config: UNetConfig, x, temb, context):
     starting with the conv_in output `x`. Shared by the U-Net and the ControlNet."""
     skips = [x]
     for i in range(len(config.down_block_types)):
-        x, block_skips = DownBlock2D(**down_block_kwargs(config, i), dtype=module.dtype,
+        x, block_skips = _maybe_remat(module, DownBlock2D)(**down_block_kwargs(config, i), dtype=module.dtype,
                                      param_dtype=module.param_dtype,
                                      attention_implementation=module.attention_implementation,
                                      name=f"down_blocks.{i}")(x, temb, context)
@@ -108,6 +116,7 @@ class UNet2DConditionModel(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     attention_implementation: str = "einsum"
+    remat: bool = False  # recompute each block's activations in the backward pass (training memory)
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states,
@@ -135,7 +144,7 @@ class UNet2DConditionModel(nn.Module):
 
         mid = mid_block_kwargs(config)
         if mid is not None:
-            x = MidBlock2D(**mid, **attn, name="mid_block")(x, temb, context)
+            x = _maybe_remat(self, MidBlock2D)(**mid, **attn, name="mid_block")(x, temb, context)
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual.astype(x.dtype)
 
@@ -144,7 +153,8 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-kwargs["num_layers"]:], skips[:-kwargs["num_layers"]]
             # The next skip's size undoes the down path's rounding up of odd sizes (e.g. 13 -> 7 -> 13, not 14).
             output_size = skips[-1].shape[1:3] if kwargs["add_upsample"] else None
-            x = UpBlock2D(**kwargs, **attn, name=f"up_blocks.{i}")(x, block_skips, temb, context, output_size)
+            x = _maybe_remat(self, UpBlock2D, static_argnums=(5,))(**kwargs, **attn, name=f"up_blocks.{i}")(
+                x, block_skips, temb, context, output_size)
 
         x = nn.silu(make_group_norm(self, config.norm_num_groups, config.norm_eps, "conv_norm_out")(x))
         return make_conv(self, config.out_channels, 3, "conv_out")(x)

@@ -4,9 +4,9 @@ from __future__ import annotations
 import difflib
 
 from sdjax.errors import InvalidArgumentError
-from sdjax.samplers import multistep, singlestep
+from sdjax.samplers import diffusers_solvers, multistep, singlestep
 
-SAMPLERS = {**singlestep.SAMPLERS, **multistep.SAMPLERS}
+SAMPLERS = {**singlestep.SAMPLERS, **multistep.SAMPLERS, **diffusers_solvers.SAMPLERS}
 
 
 def get_sampler(name: str):

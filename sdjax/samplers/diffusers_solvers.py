@@ -1,0 +1,169 @@
+"""Samplers that reproduce diffusers schedulers the k-diffusion-style samplers cannot express.
+
+Same contract as singlestep.py / multistep.py: `fn(denoise, x, sigmas, key=None, **options) -> x`, `denoise(x,
+sigma) -> x0` in variance-exploding scaling, `sigmas` descending and ending in 0 or in a small positive sigma,
+one `lax.scan` over the steps, `fn.nfe(steps)` denoiser evaluations.
+
+  * dpmpp_singlestep: DPMSolverSinglestepScheduler, whose steps come in groups of up to `order` grid steps:
+    each group restarts from the sample at its first grid point and re-solves to the next grid point with all
+    evaluations made inside the group so far (a singlestep DPM-Solver++ whose intermediate points are grid
+    points).
+  * ddim_fixed_stride: DDIMScheduler when its timesteps are not num_train_timesteps // steps apart
+    (timestep_spacing "linspace", or "trailing" at step counts that do not divide the schedule): diffusers
+    then steps each sample to t - num_train_timesteps // steps, and the next step reads that sample as if
+    it were at the next timestep.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.errors import InvalidArgumentError
+from sdjax.samplers.common import (
+    ancestral_step, combine_history, euler_move, exp_remainder, is_concrete_zero, pick_order, push_history, require_choice,
+    require_key, require_nonnegative, require_order, sampler, scan_steps, step_noise, working_arrays)
+
+_ONE_PER_STEP = lambda steps: steps
+MAX_SINGLESTEP_ORDER = 3
+
+
+# ---- DPM-Solver++ singlestep ----------------------------------------------------------------------------------
+
+def singlestep_orders(num_steps: int, order: int, lower_order_final: bool) -> list[int]:
+    """The order of each step of DPMSolverSinglestepScheduler: groups 1, 2, ..., order, repeated.
+
+    A group of order k ends k grid steps after it starts. With lower_order_final the tail that does not fill
+    a group becomes a shorter group, and when it would be empty the last full group gives its final step to
+    a first-order group of its own. Without it the steps must fill whole groups (diffusers switches
+    lower_order_final on otherwise), so the same rule applies then too.
+    """
+    full_groups, tail = divmod(num_steps, order)
+    if not lower_order_final and tail == 0:
+        return list(range(1, order + 1)) * full_groups
+    if tail:
+        return list(range(1, order + 1)) * full_groups + list(range(1, tail + 1))
+    return list(range(1, order + 1)) * (full_groups - 1) + list(range(1, order)) + [1]
+
+
+def _group_weights(sigma_start, sigma_mid, sigma_last, sigma_to, eta, solver_type):
+    """The decay e^-H and the weights w of the group update x_to = e^-H x_start + sum_j w_j D_j (D_0 the newest
+    evaluation), for groups of order 1, 2 and 3 (DPM-Solver++, Lu et al. 2022b, singlestep form; eta > 0 is its
+    SDE variant). A group of order k evaluated at sigma_start, then (k = 3) sigma_mid, then sigma_last; only
+    the candidate of the order whose group starts at sigma_start means anything.
+
+    With h = log(sigma_start / sigma_to), H = (1 + eta) h and r = log(sigma_start / sigma_k) / h placing each
+    evaluation inside the step, the derivatives of D in h are finite differences through those points:
+    "midpoint" keeps one difference, with the midpoint rule's weight; "heun" keeps the Taylor terms with
+    phi_2 = (e^-H - 1 + H) / H and phi_3 = phi_2 / H - 1/2.
+    """
+    h = jnp.log(sigma_start) - jnp.log(sigma_to)
+    h_eta = (1 + eta) * h
+    first = -jnp.expm1(-h_eta)
+    phi_2 = exp_remainder(-h_eta, 1) / h_eta
+    phi_3 = exp_remainder(-h_eta, 2) / h_eta**2
+    slot = lambda *weights: jnp.array(weights, first.dtype)   # a combination of (D_0, D_1, D_2)
+    offset = lambda sigma: (jnp.log(sigma_start) - jnp.log(sigma)) / h
+
+    order_1 = first * slot(1, 0, 0)
+    # Order 2: D at the start (slot 1) and at the newest point (slot 0).
+    r = offset(sigma_last)
+    slope_2 = slot(1, -1, 0) / r
+    order_2 = first * slot(0, 1, 0) + (0.5 * first if solver_type == "midpoint" else phi_2) * slope_2
+    # Order 3: D at the start (slot 2), at sigma_mid (slot 1) and at the newest point (slot 0).
+    r_mid, r_last = offset(sigma_mid), offset(sigma_last)
+    slope_mid = slot(0, 1, -1) / r_mid
+    slope_last = slot(1, 0, -1) / r_last
+    if solver_type == "midpoint":
+        order_3 = first * slot(0, 0, 1) + phi_2 * slope_last
+    else:
+        slope = (r_last * slope_mid - r_mid * slope_last) / (r_last - r_mid)
+        curvature = 2 * (slope_last - slope_mid) / (r_last - r_mid)
+        order_3 = first * slot(0, 0, 1) + phi_2 * slope - phi_3 * curvature
+    return jnp.exp(-h_eta), [order_1, order_2, order_3]
+
+
+@sampler(nfe=_ONE_PER_STEP)
+def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midpoint", lower_order_final=True,
+                     eta=0.0, s_noise=1.0):
+    """Singlestep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+    Probabilistic Models", its singlestep solvers with the intermediate points on the grid), as diffusers'
+    DPMSolverSinglestepScheduler: step i belongs to a group of order k = singlestep_orders(...)[i]; a group's
+    first step is a first-order step from x, its k-th step re-solves from the group's starting sample to
+    sigma_{i+1} with the k evaluations of the group. Every step costs one evaluation.
+
+    solver_type "midpoint" or "heun" picks the higher-order terms; lower_order_final shortens the final group
+    (see `singlestep_orders`); the step into sigma = 0 is first order. eta > 0 gives the SDE variant
+    (algorithm_type "sde-dpmsolver++" is eta = 1), with fresh noise each step from `key`.
+    """
+    require_order("dpmpp_singlestep", order, MAX_SINGLESTEP_ORDER)
+    require_choice("dpmpp_singlestep", "solver_type", solver_type, ("midpoint", "heun"))
+    require_nonnegative("dpmpp_singlestep", eta=eta, s_noise=s_noise)
+    noisy = not (is_concrete_zero(eta) or is_concrete_zero(s_noise))
+    if noisy:
+        require_key(key, "dpmpp_singlestep", "eta > 0")
+    x, sigmas = working_arrays(x, sigmas)
+    num_steps = sigmas.shape[0] - 1
+    orders = jnp.asarray(singlestep_orders(num_steps, order, lower_order_final))
+    at = lambda index: sigmas[jnp.maximum(index, 0)]   # early out-of-group indices only feed unused weights
+
+    def body(carry, step):
+        x, x_start, history = carry
+        i, step_order = step
+        history = push_history(history, denoise(x, sigmas[i]).astype(x.dtype))
+        sigma_to = sigmas[i + 1]
+        # Extrapolating into sigma = 0 is meaningless (h = inf): that step is x = D, a group of its own.
+        step_order = jnp.where(sigma_to > 0, step_order, 1)
+        x_start = jnp.where(step_order == 1, x, x_start)
+        decay, candidates = _group_weights(at(i - step_order + 1), at(i - 1), sigmas[i], sigma_to, eta,
+                                           solver_type)
+        weights = pick_order(step_order, candidates, MAX_SINGLESTEP_ORDER)[:order]
+        x_next = decay * x_start + combine_history(weights, history)
+        if noisy:
+            # sigma_to * sqrt(1 - e^(-2 eta h)) over the whole group, finite (and 0) into sigma = 0.
+            h = jnp.where(sigma_to > 0, jnp.log(at(i - step_order + 1)) - jnp.log(sigma_to), 0.0)
+            x_next = x_next + step_noise(key, i, x) * sigma_to * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise
+        return (x_next, x_start, history), None
+
+    history = jnp.zeros((order,) + x.shape, x.dtype)
+    (x, _, _), _ = jax.lax.scan(body, (x, x, history), (jnp.arange(num_steps), orders))
+    return x
+
+
+# ---- DDIM with diffusers' fixed stride --------------------------------------------------------------------------
+
+@sampler(nfe=_ONE_PER_STEP)
+def ddim_fixed_stride(denoise, x, sigmas, key=None, *, targets=(), eta=0.0):
+    """DDIM (Song et al. 2021) as diffusers' DDIMScheduler steps when its timesteps are unevenly spaced.
+
+    Step i evaluates at sigmas[i] and takes the DDIM step (an Euler step to sigma_down plus noise sigma_up,
+    see singlestep.ddim) to targets[i], the noise level of t_i - num_train_timesteps // steps. The next step
+    then reads that variance-preserving sample as if it were at sigmas[i + 1]; in VE scaling that is the
+    factor sqrt((1 + sigmas[i+1]^2) / (1 + targets[i]^2)). With targets = sigmas[1:] this is ddim.
+    `targets` has one noise level per step (a tuple, so that it can be a static option); the last one must
+    be sigmas[-1].
+    """
+    require_nonnegative("ddim_fixed_stride", eta=eta)
+    deterministic = is_concrete_zero(eta)
+    if not deterministic:
+        require_key(key, "ddim_fixed_stride", "eta > 0")
+    x, sigmas = working_arrays(x, sigmas)
+    targets = jnp.asarray(np.asarray(targets, np.float64), x.dtype)
+    if targets.shape != (sigmas.shape[0] - 1,):
+        raise InvalidArgumentError(f"ddim_fixed_stride: targets must hold one sigma per step "
+                                   f"({sigmas.shape[0] - 1}), got shape {targets.shape}")
+
+    def step(x, i, sigma, sigma_next):
+        target = targets[i]
+        sigma_down, sigma_up = ancestral_step(sigma, target, eta)
+        x = euler_move(x, sigma, denoise(x, sigma), sigma_down)
+        if not deterministic:
+            x = x + step_noise(key, i, x) * sigma_up
+        return x * jnp.sqrt((1 + sigma_next**2) / (1 + target**2))
+    return scan_steps(step, x, sigmas)
+
+
+SAMPLERS = {
+    "dpmpp_singlestep": dpmpp_singlestep,
+    "ddim_fixed_stride": ddim_fixed_stride,
+}

@@ -1,0 +1,48 @@
+"""Trained weights as a `Pipeline`: exported to a diffusers folder, or sampled into a grid during training."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from sdjax import images
+from sdjax.pipeline import Pipeline
+from sdjax.train.task import Task
+
+log = logging.getLogger("sdjax.train")
+
+
+def trained_pipeline(base: Pipeline, task: Task, params: dict[str, Any]) -> Pipeline:
+    """The base pipeline with the trained components (architectures and weights) and the training schedule."""
+    return Pipeline(task.configs, {**task.initial_params, **params}, base.tokenizer, task.scheduler_config,
+                    dtype=base.dtype, raw_configs=task.raw_configs)
+
+
+def export_folder(pipeline: Pipeline, folder: str | Path) -> Path:
+    """Write `pipeline` as a diffusers folder. It is assembled next to `folder` and swapped in at the end, so an
+    interrupted export never leaves a half-written model where a complete one was."""
+    folder = Path(folder)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial)
+    previous = folder.with_name(folder.name + ".previous")
+    if folder.exists():
+        os.replace(folder, previous)
+    os.replace(partial, folder)
+    shutil.rmtree(previous, ignore_errors=True)
+    return folder
+
+
+def save_sample_grid(pipeline: Pipeline, path: Path, prompts, *, size: int, steps: int, guidance_scale: float,
+                     seed: int) -> Path | None:
+    """One `size`-square image per prompt (seeds seed, seed + 1, ...) tiled into a PNG; None when this version of
+    the pipeline cannot generate."""
+    if not hasattr(pipeline, "generate"):
+        log.info("sample grid skipped: Pipeline.generate is not available in this version of sdjax")
+        return None
+    result = pipeline.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
+                               width=size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return images.save_png(path, images.grid(result.images))

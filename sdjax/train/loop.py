@@ -1,0 +1,208 @@
+"""`train(config, workdir)`: the training loop, resumable from its run directory.
+
+The run directory holds:
+    config.json        the resolved config (seed included)
+    runs.jsonl         one line per start: git revision, start step, command, devices
+    checkpoints/       orbax steps: state, data-iterator position, model fingerprint
+    metrics.jsonl      per logging window: loss, grad_norm, learning_rate, steps_per_sec, skipped_images
+    samples/           sample grids (when enabled and the pipeline can generate)
+    export/            the final weights (EMA by default) as a diffusers folder
+    latent_cache/      VAE posteriors of the dataset (data.cache_latents)
+
+Randomness is a function of (seed, step) only: step s uses fold_in(key(seed), s), the data order is drawn
+from (seed, epoch). A checkpoint therefore restores everything a resumed run needs to repeat an
+uninterrupted one exactly. SIGTERM / SIGINT end the loop after the current step with a checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import optax
+
+from sdjax.errors import ConfigError
+from sdjax.pipeline import Pipeline, load_pipeline
+from sdjax.train import config as config_lib
+from sdjax.train.checkpoint import CheckpointStore
+from sdjax.train.config import TrainConfig
+from sdjax.train.data import BatchIterator, ImageSource, scan_folder
+from sdjax.train.export import export_folder, save_sample_grid, trained_pipeline
+from sdjax.train.latents import load_or_build
+from sdjax.train.metrics import MetricsLog
+from sdjax.train.state import (
+    TrainState,
+    checkpointed,
+    create_state,
+    learning_rate_schedule,
+    make_optimizer,
+    with_checkpointed,
+)
+from sdjax.train.step import make_train_step
+from sdjax.train.task import Task, architectures, build_task, fingerprint
+
+log = logging.getLogger("sdjax.train")
+
+# Independent random streams derived from the seed.
+_INIT_STREAM, _STEP_STREAM = 0, 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    step: int                       # the step the run ended at (== num_steps unless stopped)
+    stopped_by_signal: str | None   # "SIGTERM" / "SIGINT" when a signal ended the run early
+    export_dir: Path | None
+    last_metrics: dict[str, float]
+    state: TrainState               # the final state (for callers that keep working in this process)
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT request a clean stop instead of killing the process; a second SIGINT
+    interrupts at once (for a stuck run). Only the main thread can install handlers; elsewhere this is inert."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        log.warning("%s received: stopping after this step with a checkpoint", self.requested)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def git_revision() -> str:
+    """The commit of the sdjax source tree in use, "+dirty" when it has local changes; "unknown" outside git."""
+    source = Path(__file__).resolve().parent
+    try:
+        run = lambda *args: subprocess.run(["git", *args], cwd=source, capture_output=True, text=True,
+                                           timeout=10, check=True).stdout.strip()
+        return run("rev-parse", "HEAD") + ("+dirty" if run("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def write_run_files(workdir: Path, config: TrainConfig, start_step: int) -> None:
+    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+    entry = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+             "seed": config.seed, "git_revision": git_revision(), "start_step": start_step, "command": sys.argv,
+             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+    with (workdir / "runs.jsonl").open("a") as runs:
+        runs.write(json.dumps(entry) + "\n")
+
+
+def make_source(config: TrainConfig, workdir: Path, task: Task, records):
+    """The examples of the run: decoded images, or cached VAE posteriors when data.cache_latents is on."""
+    images = ImageSource(records, config.data.resolution)
+    if not (config.data.cache_latents and task.encode_moments is not None):
+        return images
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else workdir / "latent_cache"
+    log.info("latent cache: %s", cache_dir)
+    return load_or_build(images, task.encode_moments, task.initial_params["vae"], cache_dir,
+                         random_flip=config.data.random_flip, batch_size=config.batch_size)
+
+
+@dataclasses.dataclass
+class _Run:
+    """A started (or resumed) run: everything the loop needs."""
+    base: Pipeline
+    task: Task
+    optimizer: optax.GradientTransformation
+    store: CheckpointStore
+    state: TrainState
+    batches: BatchIterator
+    skipped: set
+
+
+def _start(config: TrainConfig, workdir: Path) -> _Run:
+    """Validate, build the model, and restore the latest checkpoint. Bad data, a bad config or a checkpoint of
+    another model fail here before anything in `workdir` is written."""
+    if not config.model.pretrained:
+        raise ConfigError("model.pretrained is empty: set it to a diffusers folder (e.g. --set "
+                          "model.pretrained=path/to/stable-diffusion-v1-5)")
+    records = scan_folder(config.data.folder, require_captions=config.stage == "unet")
+    base = load_pipeline(config.model.pretrained)
+    store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
+    store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
+    task = build_task(config, base, jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM))
+    optimizer = make_optimizer(config.optimizer, config.num_steps)
+    state = create_state(task.trainable, task.frozen, optimizer)
+    source = make_source(config, workdir, task, records)
+    batches = BatchIterator(source, config.batch_size, config.seed, random_flip=config.data.random_flip)
+    if store.latest_step() is not None:
+        restored, data_state = store.restore(checkpointed(state))
+        state = with_checkpointed(state, restored)
+        batches.restore(data_state)
+        log.info("resumed from step %d", int(state.step))
+    return _Run(base, task, optimizer, store, state, batches, source.skipped)
+
+
+def train(config: TrainConfig, workdir: str | Path) -> TrainResult:
+    """Train (or resume) the run in `workdir` until config.num_steps or a stop signal."""
+    workdir = Path(workdir)
+    # Installed first, so a stop requested while starting up also ends the run cleanly (before its first step).
+    with StopSignals() as stop:
+        run = _start(config, workdir)
+        state, task, start = run.state, run.task, int(run.state.step)
+        metrics = MetricsLog(workdir, every=config.log_every, start_step=start, total_steps=config.num_steps,
+                             host_metrics=_host_metrics(config, run.skipped))
+        write_run_files(workdir, config, start)
+        train_step = make_train_step(task.loss_fn, run.optimizer, ema_decay=config.optimizer.ema_decay,
+                                     grad_accumulation=config.optimizer.grad_accumulation)
+        step_key = jax.random.fold_in(jax.random.key(config.seed), _STEP_STREAM)
+        # One pipeline for all sample grids, so its compiled functions are reused; params are swapped in.
+        sampler = trained_pipeline(run.base, task, state.ema_params) if config.sample_every else None
+
+        def save(state):
+            run.store.save(int(state.step), checkpointed(state), run.batches.state(), task.fingerprint)
+
+        step = start
+        try:
+            while step < config.num_steps and not stop.requested:
+                batch = task.prepare_batch(next(run.batches))
+                state, step_metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
+                step += 1
+                metrics.add(step, step_metrics)
+                if step % config.checkpoint_every == 0:
+                    save(state)
+                if sampler is not None and step % config.sample_every == 0:
+                    sampler.params = {**sampler.params, **state.ema_params}
+                    save_sample_grid(sampler, workdir / "samples" / f"step_{step:07d}.png", config.sample_prompts,
+                                     size=config.data.resolution, steps=config.sample_steps,
+                                     guidance_scale=config.sample_guidance_scale, seed=config.seed)
+            metrics.flush(step)
+            save(state)
+        finally:
+            run.store.wait()
+            metrics.close()
+    export_dir = None
+    if step >= config.num_steps and not stop.requested:
+        weights = state.ema_params if config.export_ema else state.params
+        export_dir = export_folder(trained_pipeline(run.base, task, weights), workdir / "export")
+        log.info("exported %s weights to %s", "EMA" if config.export_ema else "raw", export_dir)
+    run.store.close()
+    return TrainResult(step, stop.requested, export_dir, metrics.last, state)
+
+
+def _host_metrics(config: TrainConfig, skipped: set):
+    """Per-window values computed on the host: the learning rate of the last step and the skipped images."""
+    schedule = learning_rate_schedule(config.optimizer, config.num_steps)
+    return lambda step: {"learning_rate": float(schedule(step - 1)), "skipped_images": len(skipped)}

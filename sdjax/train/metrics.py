@@ -1,0 +1,91 @@
+"""Training metrics: one JSON line per logging window in <workdir>/metrics.jsonl, TensorBoard scalars when a
+SummaryWriter is installed (tensorboardX, or torch with tensorboard), and a progress bar with loss and steps/s.
+
+Step metrics stay on the device until a window closes, so logging never stalls the dispatch of the next steps.
+steps_per_sec is measured per window; the first window of a process includes compilation.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+log = logging.getLogger("sdjax.train")
+
+
+def _tensorboard_writer(directory: Path):
+    for module in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            return __import__(module, fromlist=["SummaryWriter"]).SummaryWriter(str(directory))
+        except ImportError:
+            continue
+    log.info("TensorBoard logging is off: install tensorboardX (or tensorboard) to get it")
+    return None
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop the lines of a metrics file past `step`: after a resume, those steps are trained again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def progress_line(step: int, total: int, loss: float, steps_per_sec: float, width: int = 30) -> str:
+    """`\rtrain 120/1000 [===      ] loss 0.1234 5.67 steps/s`, ending the line at the last step."""
+    filled = width * min(step, total) // max(total, 1)
+    end = "\n" if step >= total else ""
+    return (f"\rtrain {step}/{total} [{'=' * filled}{' ' * (width - filled)}] loss {loss:.4f} "
+            f"{steps_per_sec:.2f} steps/s{end}")
+
+
+class MetricsLog:
+    """Collects per-step metrics and writes their mean every `every` steps."""
+
+    def __init__(self, workdir: Path, *, every: int, start_step: int, total_steps: int,
+                 host_metrics: Callable[[int], dict[str, float]] = lambda step: {}):
+        self.path = workdir / "metrics.jsonl"
+        self.host_metrics = host_metrics
+        truncate_after(self.path, start_step)
+        self.every = every
+        self._file = self.path.open("a")
+        self._pending: list[dict] = []
+        self._window_start = time.perf_counter()
+        self._writer = _tensorboard_writer(workdir / "tensorboard")
+        self.total_steps = total_steps
+        self.last: dict[str, float] = {}
+
+    def add(self, step: int, metrics: dict) -> None:
+        """Record one step's (device) metrics; writes a line when the window closes."""
+        self._pending.append(metrics)
+        if step % self.every == 0:
+            self.flush(step)
+
+    def flush(self, step: int) -> None:
+        """Write the mean of the pending steps' metrics, with `host_metrics(step)`, as the line of `step`."""
+        if not self._pending:
+            return
+        fetched = jax.device_get(self._pending)
+        elapsed = time.perf_counter() - self._window_start
+        row = {"step": step, **{key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]},
+               **self.host_metrics(step), "steps_per_sec": len(fetched) / max(elapsed, 1e-9)}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self._writer.add_scalar(f"train/{key}", value, step)
+        sys.stderr.write(progress_line(step, self.total_steps, row["loss"], row["steps_per_sec"]))
+        sys.stderr.flush()
+        self.last, self._pending, self._window_start = row, [], time.perf_counter()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._writer is not None:
+            self._writer.close()

@@ -1,0 +1,158 @@
+"""What a run trains, assembled from its config and the base model: modules in the compute dtype, the trained
+and frozen params, the noise schedule, the loss, and the conversion of host batches into step inputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sdjax import schedules
+from sdjax.errors import ConfigError
+from sdjax.models import configs as model_configs
+from sdjax.pipeline import (
+    ModelConfigs,
+    Pipeline,
+    example_inputs,
+    build_module,
+    to_unit_range,
+)
+from sdjax.train.config import TrainConfig
+from sdjax.train.latents import make_moments_encoder
+from sdjax.train.losses import LossFn, make_diffusion_loss, make_vae_loss
+from sdjax.weights.diffusers_folder import MODEL_COMPONENTS
+
+PRESETS = {
+    "unet": {"tiny": model_configs.TINY_UNET, "sd15": model_configs.SD15_UNET, "sd21": model_configs.SD21_UNET},
+    "vae": {"tiny": model_configs.TINY_VAE, "sd": model_configs.SD_VAE},
+}
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """configs / raw_configs / scheduler_config / initial_params describe the whole model as it is exported;
+    `trainable` and `frozen` are the parts the loss trains and reads; `fingerprint` identifies the architecture
+    of what is trained, so a checkpoint of another model is never resumed."""
+    stage: str
+    configs: ModelConfigs
+    raw_configs: dict[str, dict | None]
+    scheduler_config: dict[str, Any]
+    initial_params: dict[str, Any]
+    trainable: dict[str, Any]
+    frozen: dict[str, Any]
+    loss_fn: LossFn
+    prepare_batch: Callable[[dict[str, Any]], dict[str, Any]]
+    encode_moments: Callable | None
+    fingerprint: dict[str, Any]
+
+
+def component_config(name: str, choice: str, base_config):
+    """The architecture of component `name`: the base model's ("") or a preset / config.json for a new one."""
+    if not choice:
+        return base_config
+    if choice in PRESETS[name]:
+        return PRESETS[name][choice]
+    path = Path(choice)
+    if not path.is_file():
+        raise ConfigError(f"model.{name}_config = {choice!r} is neither a preset ({', '.join(PRESETS[name])}) "
+                          f"nor an existing config.json")
+    return MODEL_COMPONENTS[name].config_class.from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def init_params(name: str, config, key) -> Any:
+    """Freshly initialised float32 params of component `name`."""
+    module = build_module(name, config, jnp.float32, "einsum")
+    inputs = [jnp.zeros(s.shape, s.dtype) for s in example_inputs(name, config)]
+    return jax.jit(module.init)(key, *inputs)["params"]
+
+
+def training_scheduler_config(base: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The base model's scheduler config with the run's prediction type and zero-terminal-SNR rescale, so the
+    exported folder samples the way the model was trained."""
+    scheduler = dict(base)
+    if config.diffusion.prediction_type:
+        scheduler["prediction_type"] = config.diffusion.prediction_type
+    if config.diffusion.zero_terminal_snr:
+        # Lin et al. 2023 also sample from the last timestep: "trailing" spacing.
+        scheduler.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return scheduler
+
+
+def _check_compatible(unet, vae, text) -> None:
+    if unet.cross_attention_dim != text.hidden_size:
+        raise ConfigError(f"the U-Net's cross_attention_dim ({unet.cross_attention_dim}) must equal the text "
+                          f"encoder's hidden_size ({text.hidden_size})")
+    if unet.in_channels != vae.latent_channels or unet.out_channels != vae.latent_channels:
+        raise ConfigError(f"the U-Net's in/out_channels ({unet.in_channels}/{unet.out_channels}) must equal the "
+                          f"VAE's latent_channels ({vae.latent_channels})")
+
+
+def _new_architectures(config: TrainConfig) -> dict[str, str]:
+    """Per component, the preset / config.json of a from-scratch architecture, or "" to keep the base model's."""
+    return {"unet": config.model.unet_config, "vae": config.model.vae_config, "text_encoder": ""}
+
+
+def architectures(config: TrainConfig, base: Pipeline) -> dict[str, Any]:
+    """The config of each component: the base model's, or the new architecture the run trains from scratch."""
+    arch = {name: component_config(name, choice, getattr(base.configs, name))
+            for name, choice in _new_architectures(config).items()}
+    _check_compatible(arch["unet"], arch["vae"], arch["text_encoder"])
+    factor = arch["vae"].downscale_factor
+    if config.data.resolution % factor:
+        raise ConfigError(f"data.resolution = {config.data.resolution} must be a multiple of the VAE's downscale "
+                          f"factor ({factor})")
+    return arch
+
+
+def trained_components(config: TrainConfig) -> tuple[str, ...]:
+    if config.stage == "vae":
+        return ("vae",)
+    return ("unet", "text_encoder") if config.model.train_text_encoder else ("unet",)
+
+
+def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
+    """What identifies the model in a checkpoint: the stage, the trained components, and every component's
+    architecture (the frozen ones define the latent space and the conditioning the trained ones learn)."""
+    return {"stage": config.stage, "trained": list(trained_components(config)),
+            "architecture": {name: value.to_dict() for name, value in arch.items()}}
+
+
+def build_task(config: TrainConfig, base: Pipeline, key) -> Task:
+    """Assemble the run's Task; components given a new architecture are initialised from `key`."""
+    model = config.model
+    arch, new = architectures(config, base), _new_architectures(config)
+    params = {name: init_params(name, arch[name], jax.random.fold_in(key, i)) if new[name] else base.params[name]
+              for i, name in enumerate(new)}
+    dtype = _DTYPES[model.compute_dtype]
+    modules = {name: build_module(name, arch[name], dtype, model.attention).clone(param_dtype=jnp.float32)
+               for name in new}
+    modules["unet"] = modules["unet"].clone(remat=model.remat)
+    scheduler = training_scheduler_config(base.scheduler_config, config)
+    trained = trained_components(config)
+    common = {"stage": config.stage, "configs": ModelConfigs(**arch), "scheduler_config": scheduler,
+              "raw_configs": {name: None if new[name] else base.raw_configs.get(name) for name in new},
+              "initial_params": params, "trainable": {name: params[name] for name in trained},
+              "fingerprint": fingerprint(config, arch)}
+
+    if config.stage == "vae":
+        return Task(**common, frozen={}, loss_fn=make_vae_loss(modules["vae"], config.vae_loss),
+                    prepare_batch=lambda host: {"pixels": to_unit_range(host["pixels"])}, encode_moments=None)
+
+    loss_fn = make_diffusion_loss(
+        modules["unet"], modules["text_encoder"], alphas_cumprod=schedules.alphas_cumprod_from_config(scheduler),
+        prediction_type=scheduler.get("prediction_type", "epsilon"), config=config.diffusion,
+        vae_config=arch["vae"], empty_ids=base.tokenize([""])[0])
+    # Latents are encoded by the frozen VAE outside the differentiated step, in float32.
+    encode = make_moments_encoder(build_module("vae", arch["vae"], jnp.float32, model.attention))
+    to_moments = ((lambda host: jnp.asarray(host["moments"])) if config.data.cache_latents
+                  else (lambda host: encode(params["vae"], host["pixels"])))
+    return Task(**common, frozen={} if "text_encoder" in trained else {"text_encoder": params["text_encoder"]},
+                loss_fn=loss_fn,
+                prepare_batch=lambda host: {"moments": to_moments(host), "input_ids": base.tokenize(host["caption"])},
+                encode_moments=encode)
