@@ -121,7 +121,8 @@ class Pipeline:
                  seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
                  width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
                  control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
-                 batch_invariant: bool = False, show_progress: bool = False) -> "GenerationResult":
+                 batch_invariant: bool = False, show_progress: bool = False,
+                 _edit: "Edit | None" = None) -> "GenerationResult":
         """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone; `latents` (N, h, w, c)
         replaces that noise, unscaled, as diffusers' `latents` argument does.
 
@@ -129,53 +130,43 @@ class Pipeline:
         guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
+        `_edit` is how img2img and inpaint pass their image, mask and strength.
         """
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
+        if _edit is not None:
+            pixels = to_unit_range(_edit.image)
+            height, width = pixels.shape[1:3]
+            plan = plan if _edit.strength == 1.0 else plan.for_strength(_edit.strength)
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
-        return self._run(request, plan, inputs, clip_skip, show_progress, control, batch_invariant=batch_invariant,
-                         guess_mode=guess_mode)
+        spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
+        if _edit is not None:
+            images = broadcast_batch(pixels, request.count, "image")
+            inputs["image_latents"] = self.encode_image(images)
+            inpaint = _edit.mask is not None
+            if inpaint:
+                inputs.update(self._mask_inputs(_edit.mask, images, request.count))
+            spec.update(start_from_image=_edit.strength < 1.0,
+                        blend_known_region=inpaint and not self.is_inpainting_model,
+                        unet_inpaint_channels=inpaint and self.is_inpainting_model)
+        return self._run(request, plan, inputs, clip_skip, show_progress, control, **spec)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
                 noise=None, **settings) -> "GenerationResult":
         """Image to image: the image's latents are noised to the `strength` point of the schedule and denoised
         from there (strength 1 ignores the image). `image`: uint8 (N or 1, H, W, 3); the VAE posterior mean
-        is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise."""
-        return self._edit(image, None, prompt, negative_prompt, strength, noise, settings)
+        is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise;
+        `settings` are generate's."""
+        return self.generate(prompt, negative_prompt, latents=noise, _edit=Edit(image, None, strength), **settings)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 1.0,
                 noise=None, **settings) -> "GenerationResult":
         """Repaint where `mask` (N or 1, H, W) is white (>= 0.5 after scaling to [0, 1]) and keep the rest.
 
         With an inpainting U-Net (9 input channels) the mask and the masked image's latents are extra U-Net
-        inputs; with an ordinary U-Net the known region is held on the image's noised trajectory each step."""
-        return self._edit(image, mask, prompt, negative_prompt, strength, noise, settings)
-
-    def _edit(self, image, mask, prompt, negative_prompt, strength, noise, settings):
-        pixels = to_unit_range(image)
-        steps = settings.pop("steps", 30)
-        plan = self.sampling_plan(steps, settings.pop("sampler", None), settings.pop("schedule", None),
-                                  settings.pop("sampler_options", None))
-        if not 0.0 <= strength <= 1.0:
-            raise InvalidArgumentError(f"strength must be within [0, 1], got {strength}")
-        run_plan = plan if strength == 1.0 else plan.for_strength(strength)
-        request = self._request(prompt, negative_prompt, settings.pop("num_images", 1), settings.pop("seed", 0),
-                                settings.pop("seeds", None), pixels.shape[1], pixels.shape[2])
-        guidance = settings.pop("guidance_scale", 7.5), settings.pop("guidance_rescale", 0.0)
-        clip_skip, show = settings.pop("clip_skip", None), settings.pop("show_progress", False)
-        batch_invariant, controls = settings.pop("batch_invariant", False), settings.pop("control", None)
-        guess_mode = settings.pop("guess_mode", False)
-        if settings:
-            raise InvalidArgumentError(f"unknown setting(s) {', '.join(sorted(settings))}")
-        images = broadcast_batch(pixels, request.count, "image")
-        inputs = self._inputs(request, run_plan, *guidance, noise)
-        inputs["image_latents"] = self.encode_image(images)
-        if mask is not None:
-            inputs.update(self._mask_inputs(mask, images, request.count))
-        spec_overrides = dict(start_from_image=strength < 1.0, blend_known_region=mask is not None
-                              and not self.is_inpainting_model, unet_inpaint_channels=mask is not None
-                              and self.is_inpainting_model, batch_invariant=batch_invariant, guess_mode=guess_mode)
-        return self._run(request, run_plan, inputs, clip_skip, show, controls, **spec_overrides)
+        inputs; with an ordinary U-Net the known region is held on the image's noised trajectory each step.
+        `settings` are generate's."""
+        return self.generate(prompt, negative_prompt, latents=noise, _edit=Edit(image, mask, strength), **settings)
 
     @property
     def is_inpainting_model(self) -> bool:
@@ -343,6 +334,14 @@ class Pipeline:
     def _unet_apply(self, params, latents, timesteps, embeddings, down_residuals=None, mid_residual=None):
         return self.modules["unet"].apply({"params": params}, latents.astype(self.dtype), timesteps,
                                           embeddings.astype(self.dtype), down_residuals, mid_residual)
+
+
+@dataclasses.dataclass(frozen=True)
+class Edit:
+    """What img2img and inpaint add to a generation: the starting image, an optional mask, the strength."""
+    image: Any
+    mask: Any
+    strength: float  # checked by SamplingPlan.for_strength
 
 
 @dataclasses.dataclass(frozen=True)
