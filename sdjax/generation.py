@@ -40,6 +40,7 @@ class ProgramSpec:
     pinned_timesteps: bool = False  # inputs["model_timesteps"] fixes the U-Net's timestep per sigma
     ve_latents: bool = False  # the final x goes to the VAE unconverted (diffusers' Euler-family schedulers)
     controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
+    mesh: Any = None  # a jax.sharding.Mesh with axis "data": each device runs its share of the batch
     guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
 
 
@@ -115,10 +116,14 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         latents = x if spec.ve_latents else denoisers.to_vp(x, sigmas[-1])
         return to_uint8(models.decode(params["vae"], latents))[0], latents[0]
 
+    def local_batch(per_image):
+        return jax.lax.map(one_image, per_image) if spec.batch_invariant else jax.vmap(one_image)(per_image)
+
     per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
-    if spec.batch_invariant:
-        return jax.lax.map(one_image, per_image)
-    return jax.vmap(one_image)(per_image)
+    if spec.mesh is None:
+        return local_batch(per_image)
+    batch = jax.sharding.PartitionSpec("data")
+    return jax.shard_map(local_batch, mesh=spec.mesh, in_specs=(batch,), out_specs=(batch, batch))(per_image)
 
 
 SHARED_INPUTS = ("sigmas", "init_noise_sigma", "model_timesteps", "control_scales", "control_starts",

@@ -39,12 +39,16 @@ class Pipeline:
     """Stable Diffusion components with pure, jit-compiled entry points.
 
     `params` is a dict {"unet", "vae", "text_encoder"} of Flax param trees; the modules hold no state.
+    With a `mesh` (axis "data"), generation splits the batch over its devices.
     """
 
     def __init__(self, configs: ModelConfigs, params: dict, tokenizer, scheduler_config: dict, *,
-                 dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None):
+                 dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None,
+                 mesh: jax.sharding.Mesh | None = None):
         self.configs = configs
-        self.params = params
+        # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
+        self.mesh = mesh
+        self.params = jax.device_put(params, None if mesh is None else replicated(mesh))
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
@@ -261,8 +265,10 @@ class Pipeline:
         if plan.model_timesteps is not None:
             inputs["model_timesteps"] = jnp.asarray(plan.model_timesteps, jnp.float32)
         params = {**self.params, **control_params}
+        if self.mesh is not None:
+            inputs = self._shard(inputs, request.count)
         spec = generation.ProgramSpec(
-            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options,
+            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options, mesh=self.mesh,
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
             pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec_overrides)
@@ -280,6 +286,16 @@ class Pipeline:
                                               guidance_scale=float(inputs["guidance_scale"][0]),
                                               height=request.height, width=request.width),
                                 seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
+
+    def _shard(self, inputs: dict, count: int) -> dict:
+        """Per-image inputs split over the mesh's devices along the batch, shared inputs replicated."""
+        devices = self.mesh.devices.size
+        if count % devices:
+            raise InvalidArgumentError(f"{count} images do not split evenly over {devices} devices; generate a "
+                                       f"multiple of {devices}")
+        batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
+        return {key: jax.device_put(value, replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
+                for key, value in inputs.items()}
 
     def _compiled(self, params: dict, inputs: dict, spec, report: bool):
         """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
@@ -378,6 +394,10 @@ def broadcast_batch(array, count: int, name: str):
     raise InvalidArgumentError(f"{name} has a batch of {array.shape[0]}; expected 1 or {count}")
 
 
+def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
 def build_module(name: str, config, dtype, attention: str):
     """The Flax module of component `name` for `config`, computing in `dtype`."""
     return _MODULES[name](config=config, dtype=dtype, param_dtype=dtype, attention_implementation=attention)
@@ -417,7 +437,8 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     """Load a Stable Diffusion pipeline from a diffusers folder or a hub id.
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
-    devices: params are replicated over these devices (default: the first local device).
+    devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
+    is split evenly between them (default: the first local device only).
     """
     if path_or_hub_id is None:
         raise InvalidArgumentError("load_pipeline needs a diffusers folder or hub id: no model ships inside "
@@ -436,14 +457,6 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
                                                     dtype=dtype, variant=variant)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    params = _place(params, devices)
+    mesh = None if devices is None else jax.sharding.Mesh(np.asarray(devices), ("data",))
     return Pipeline(ModelConfigs(**loaded), params, tokenizer, scheduler_config, dtype=dtype,
-                    attention=attention, raw_configs=raw)
-
-
-def _place(params, devices):
-    """Params on the given devices (replicated), or on the default device."""
-    if devices is None:
-        return jax.device_put(params)
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("data",))
-    return jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                    attention=attention, raw_configs=raw, mesh=mesh)

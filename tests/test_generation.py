@@ -250,3 +250,18 @@ def test_scheduler_config_is_honoured_like_diffusers(model, class_name, override
         PROMPTS[1], negative_prompt=NEGATIVE[1], num_inference_steps=5, guidance_scale=7.0, latents=nchw(noise),
         height=SIZE, width=SIZE, output_type="np").images
     assert_images_match(ours.images, theirs)
+
+
+def test_a_batch_split_over_devices_gives_the_single_device_images(sd1_folder):
+    import jax
+    devices = jax.devices()[:4]  # conftest gives this process 8 CPU devices
+    assert len(devices) == 4
+    settings = dict(steps=3, sampler="euler_ancestral", schedule="karras", height=SIZE, width=SIZE,
+                    seeds=[3, 1, 4, 1, 5, 9, 2, 6], batch_invariant=True)
+    prompts = ["a cat", "a dog", "red", "blue", "moon", "city", "forest", "castle"]
+    single = sdjax.load_pipeline(sd1_folder[0]).generate(prompts, **settings)
+    parallel_pipeline = sdjax.load_pipeline(sd1_folder[0], devices=devices)
+    parallel = parallel_pipeline.generate(prompts, **settings)
+    np.testing.assert_array_equal(parallel.images, single.images)
+    with pytest.raises(InvalidArgumentError, match="6 images do not split evenly over 4 devices"):
+        parallel_pipeline.generate(prompts[:6], **{**settings, "seeds": settings["seeds"][:6]})

@@ -364,3 +364,28 @@ def test_exp_remainder_is_accurate_in_float32():
         exact = np.where(np.abs(z) <= 1, series, direct)
         ours = np.asarray(exp_remainder(jnp.asarray(z, jnp.float32), n), np.float64)
         np.testing.assert_allclose(ours, exact, rtol=2e-5)
+
+
+def test_dpmpp_3m_is_third_order_only_with_the_taylor_weight():
+    """On one Gaussian (data N(0, s^2)) the ODE solution is x(sigma) = x_T sqrt(s^2 + sigma^2) / sqrt(s^2 +
+    sigma_T^2). The references' DPM-Solver++(3M) halves the second-difference weight and converges at order 2;
+    taylor_third_order=True converges at order 3."""
+    from sdjax import schedules
+    s = 0.5
+
+    def denoise(x, sigma):
+        return x * s**2 / (s**2 + sigma**2)
+
+    def orders(taylor):
+        errors = []
+        with jax.enable_x64(True):
+            for steps in (32, 64, 128):
+                sigmas = jnp.asarray(schedules.karras(steps, 0.03, 14.6)[:-1])
+                x = SAMPLERS["dpmpp_3m_sde"](denoise, jnp.full((2,), 3.0, jnp.float64), sigmas, None, eta=0.0,
+                                               taylor_third_order=taylor)
+                exact = 3.0 * np.sqrt(s**2 + sigmas[-1] ** 2) / np.sqrt(s**2 + sigmas[0] ** 2)
+                errors.append(abs(float(x[0]) - float(exact)))
+        return np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
+
+    assert np.all(np.abs(orders(False) - 2.0) < 0.3)
+    assert np.all(orders(True) > 2.8)
