@@ -26,16 +26,24 @@ class Mixture:
         return cls(means=rng.normal(size=(components, dim)) * mean_scale,
                    stds=rng.uniform(*std_range, size=(components, dim)), weights=weights)
 
-    def denoise(self, xp, x, sigma):
-        """E[x0 | x] for x (n, d) at scalar sigma, written once for numpy and jax.numpy (`xp`)."""
+    def responsibilities(self, xp, x, sigma):
+        """P(component k | x) at noise level sigma, (n, K), for numpy or jax.numpy (`xp`)."""
         means, stds, weights = (xp.asarray(a, x.dtype) for a in (self.means, self.stds, self.weights))
         variance = stds**2 + sigma**2                                          # (K, d)
         diff = x[:, None, :] - means                                           # (n, K, d)
         log_lik = xp.log(weights) - 0.5 * xp.sum(diff**2 / variance + xp.log(variance), axis=-1)
         log_lik = log_lik - xp.max(log_lik, axis=-1, keepdims=True)            # a stable softmax
-        responsibilities = xp.exp(log_lik) / xp.sum(xp.exp(log_lik), axis=-1, keepdims=True)
-        posterior_means = means + stds**2 / variance * diff
-        return xp.sum(responsibilities[..., None] * posterior_means, axis=1)
+        return xp.exp(log_lik) / xp.sum(xp.exp(log_lik), axis=-1, keepdims=True)
+
+    def denoise(self, xp, x, sigma):
+        """E[x0 | x] for x (n, d) at scalar sigma, written once for numpy and jax.numpy (`xp`)."""
+        means, stds = (xp.asarray(a, x.dtype) for a in (self.means, self.stds))
+        posterior_means = means + stds**2 / (stds**2 + sigma**2) * (x[:, None, :] - means)   # (n, K, d)
+        return xp.sum(self.responsibilities(xp, x, sigma)[..., None] * posterior_means, axis=1)
+
+    def component(self, x: np.ndarray, sigma: float) -> np.ndarray:
+        """The most probable component of each point of x (n, d) at noise level sigma, (n,) ints."""
+        return np.argmax(self.responsibilities(np, np.asarray(x), sigma), axis=-1)
 
     def sample(self, rng: np.random.Generator, n: int, sigma: float = 0.0) -> np.ndarray:
         """n exact samples of the marginal at noise level sigma (0: the data), float64 (n, d)."""

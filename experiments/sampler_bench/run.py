@@ -4,9 +4,11 @@ errors of the stochastic samplers. Writes results.md and error_vs_nfe.png next t
     python -m experiments.sampler_bench.run [--quick] [--out DIR]
 
 Every sampler gets the mixture's exact denoiser, so the only error left is the sampler's own discretisation
-error (float64 throughout). Deterministic samplers are compared path by path with a DOP853 solve of the
-probability-flow ODE from the same starting points; stochastic ones (whose paths depend on the noise) by the
-mean and covariance of their samples against the mixture's exact moments.
+error (float64 throughout). Deterministic samplers (and deterministic settings of stochastic ones, the
+configured variants) are compared path by path with a DOP853 solve of the probability-flow ODE from the same
+starting points; stochastic ones (whose paths depend on the noise) by the mean and covariance of their samples
+against the mixture's exact moments. numpy reimplementations of two multistep samplers test what limits their
+asymptotic order.
 """
 from __future__ import annotations
 
@@ -20,10 +22,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.polynomial import polynomial
 
 from experiments.sampler_bench.config import get_config
 from experiments.sampler_bench.mixture import Mixture, solve_flow
 from sdjax import schedules
+from sdjax.errors import InvalidArgumentError
 from sdjax.samplers import SAMPLERS
 
 HERE = pathlib.Path(__file__).parent
@@ -67,9 +71,14 @@ def is_deterministic(run, x, sigmas) -> bool:
     return bool(jnp.array_equal(run(x, sigmas, jax.random.key(1)), run(x, sigmas, jax.random.key(2))))
 
 
+def path_errors(x, reference) -> np.ndarray:
+    """Euclidean distance of each path's endpoint to its reference endpoint, (n,)."""
+    return np.linalg.norm(np.asarray(x) - reference, axis=-1)
+
+
 def rms_error(x, reference) -> float:
     """Root mean square over paths of the Euclidean distance to the reference endpoint."""
-    return float(np.sqrt(np.mean(np.sum((np.asarray(x) - reference) ** 2, axis=-1))))
+    return float(np.sqrt(np.mean(path_errors(x, reference) ** 2)))
 
 
 def moment_errors(samples, mixture) -> tuple[float, float]:
@@ -92,54 +101,177 @@ def wall_time(run, x, sigmas, key, repeats) -> float:
     return min(times)
 
 
-def fit_order(points, min_steps, floor) -> float:
-    """Convergence order p in error ~ NFE^-p: least-squares slope of log error against log NFE over the
-    asymptotic points (steps >= min_steps, error above the round-off floor)."""
-    kept = [(p["nfe"], p["error"]) for p in points if p["steps"] >= min_steps and p["error"] > floor]
+def fit_order(points, window, floor, key="error") -> float:
+    """Convergence order p in error ~ NFE^-p: least-squares slope of log points[key] against log NFE over the
+    points with window[0] <= steps <= window[1] and error above the round-off floor."""
+    kept = [(p["nfe"], p[key]) for p in points if window[0] <= p["steps"] <= window[1] and p[key] > floor]
     if len(kept) < 2:
         return math.nan
     log_nfe, log_error = np.log(np.array(kept, np.float64)).T
     return float(-np.polyfit(log_nfe, log_error, 1)[0])
 
 
+def local_orders(points, key="error") -> list[float]:
+    """The slope -d log error / d log NFE between consecutive points: where the asymptotic regime begins."""
+    return [float(-np.log(b[key] / a[key]) / np.log(b["nfe"] / a["nfe"])) if a[key] > 0 and b[key] > 0 else math.nan
+            for a, b in zip(points, points[1:])]
+
+
+def karras_steps(config) -> list[int]:
+    return config["steps"] + config["karras_extra_steps"]
+
+
 # -------------------------------------------------------------------------------------- measurements
 
 def classify_samplers(mixture, table):
-    """Split SAMPLERS into deterministic fixed-step, adaptive (nfe is None) and stochastic ones."""
+    """Split SAMPLERS into deterministic fixed-step, adaptive (nfe is None) and stochastic ones, and those that
+    refuse a plain sigma grid with default options (name -> the sampler's message), which are reported, not run."""
     x = jnp.asarray(mixture.sample(np.random.default_rng(0), 4, table[-1]))
     sigmas = schedules.karras(4, table[0], table[-1])
-    deterministic, adaptive, stochastic = [], [], []
+    deterministic, adaptive, stochastic, refused = [], [], [], {}
     for name in sorted(SAMPLERS):
-        if not is_deterministic(compiled_sampler(name, make_denoiser(mixture)), x, sigmas):
+        try:
+            deterministic_here = is_deterministic(compiled_sampler(name, make_denoiser(mixture)), x, sigmas)
+        except InvalidArgumentError as error:
+            refused[name] = str(error)
+            continue
+        if not deterministic_here:
             stochastic.append(name)
         elif SAMPLERS[name].nfe is None:
             adaptive.append(name)
         else:
             deterministic.append(name)
-    return deterministic, adaptive, stochastic
+    return deterministic, adaptive, stochastic, refused
 
 
-def run_deterministic(config, mixture, table, names, x_start, reference):
-    """Per (sampler, schedule, steps): the ODE error on the grid without its final 0 (the solver's order), and
-    for karras also the sample error on the whole grid, whose last jump sigma_min -> 0 is a single step."""
+def deterministic_specs(config, mixture, table, names):
+    """Rows of the deterministic tables: every deterministic sampler with default options, then the configured
+    variants (deterministic settings of samplers that are stochastic by default), each checked deterministic."""
+    specs = [{"label": name, "sampler": name, "options": {}, "equals": None} for name in names]
+    x = jnp.asarray(mixture.sample(np.random.default_rng(0), 4, table[-1]))
+    sigmas = schedules.karras(4, table[0], table[-1])
+    for label, variant in config["variants"].items():
+        spec = {"label": label, "sampler": variant["sampler"], "options": variant.get("options", {}),
+                "equals": variant.get("equals")}
+        if not is_deterministic(compiled_sampler(spec["sampler"], make_denoiser(mixture), **spec["options"]),
+                                x, sigmas):
+            raise ValueError(f"variant {label!r} depends on the PRNG key")
+        if spec["equals"] is not None and spec["equals"] not in names:
+            raise ValueError(f"variant {label!r} must equal {spec['equals']!r}, which is not a deterministic row")
+        specs.append(spec)
+    return specs
+
+
+def run_deterministic(config, mixture, table, specs, x_start, reference):
+    """Per (row, schedule, steps): the ODE error on the grid without its final 0 (the solver's order), and for
+    karras also the sample error on the whole grid, whose last jump sigma_min -> 0 is a single step. Each cell
+    keeps the RMS and the median of the per-path errors, the number of paths that end in another mixture
+    component than the exact flow ("flips") and the RMS over the paths that do not. Returns (rows, karras ODE
+    outputs by (label, steps)); rows include each row's wall time and, for variants that must reproduce
+    another row, the largest difference from it over all grids."""
     key = jax.random.key(0)
-    rows = []
-    for name in names:
-        run = counted_sampler(name, mixture)
+    must_match = {spec["equals"] for spec in specs if spec["equals"]}
+    outputs, rows = {}, []
+    for spec in specs:
+        label, options = spec["label"], spec["options"]
+        run = counted_sampler(spec["sampler"], mixture, **options)
+        difference = 0.0
         for schedule in config["schedules"]:
-            for steps in config["steps"]:
+            for steps in karras_steps(config) if schedule == "karras" else config["steps"]:
                 sigmas = schedules.get_schedule(schedule)(steps, table)
-                targets = [(schedule, sigmas[:-1])] + ([(TO_ZERO, sigmas)] if schedule == "karras" else [])
-                for label, grid in targets:
+                targets = [(schedule, sigmas[:-1])]
+                if schedule == "karras" and steps in config["steps"]:
+                    targets.append((TO_ZERO, sigmas))
+                for grid_label, grid in targets:
                     output, nfe = run(x_start, grid, key)
-                    error = rms_error(output, reference(float(grid[0]), float(grid[-1])))
-                    rows.append({"sampler": name, "schedule": label, "steps": steps, "nfe": nfe, "error": error})
+                    sigma_end = float(grid[-1])
+                    exact = reference(float(grid[0]), sigma_end)
+                    errors = path_errors(output, exact)
+                    flipped = mixture.component(output, sigma_end) != mixture.component(exact, sigma_end)
+                    rows.append({"sampler": label, "schedule": grid_label, "steps": steps, "nfe": nfe,
+                                 "error": float(np.sqrt(np.mean(errors**2))), "median": float(np.median(errors)),
+                                 "flips": int(flipped.sum()),
+                                 "error_rest": float(np.sqrt(np.mean(errors[~flipped] ** 2)))})
+                    if label in must_match or grid_label == "karras":
+                        outputs[label, grid_label, steps] = output
+                    if spec["equals"]:
+                        other = outputs[spec["equals"], grid_label, steps]
+                        difference = max(difference, float(np.max(np.abs(output - other))))
         timing_grid = schedules.karras(config["timing_steps"], table[0], table[-1])
-        seconds = wall_time(compiled_sampler(name, make_denoiser(mixture)), x_start, timing_grid, key,
-                            config["timing_repeats"])
-        rows.append({"sampler": name, "schedule": "timing", "steps": config["timing_steps"], "seconds": seconds})
-        print(f"  {name}", flush=True)
-    return rows
+        seconds = wall_time(compiled_sampler(spec["sampler"], make_denoiser(mixture), **options), x_start,
+                            timing_grid, key, config["timing_repeats"])
+        rows.append({"sampler": label, "schedule": "timing", "steps": config["timing_steps"], "seconds": seconds})
+        if spec["equals"]:
+            rows.append({"sampler": label, "schedule": "equals", "equals": spec["equals"], "difference": difference})
+        print(f"  {label}", flush=True)
+    karras = {(label, steps): out for (label, grid_label, steps), out in outputs.items() if grid_label == "karras"}
+    return rows, karras
+
+
+# ------------------------------------------------------------------ reimplementations: what limits the order
+
+def lms_numpy(mixture, x, sigmas, order=4, exact=None):
+    """k-diffusion's `sample_lms` (variable-step Adams-Bashforth in sigma on the slope (x - D) / sigma) in
+    numpy, on a grid ending above 0. Its first order - 1 steps are of orders 1, 2, ... as the history fills up;
+    with `exact(sigma)` the exact flow replaces the states they produce."""
+    slopes = []  # newest first
+    for i in range(len(sigmas) - 1):
+        slopes.insert(0, (x - mixture.denoise(np, x, float(sigmas[i]))) / sigmas[i])
+        step = sigmas[i + 1] - sigmas[i]
+        nodes = (sigmas[i - np.arange(min(i + 1, order))] - sigmas[i]) / step  # in units of this step
+        x_next = x
+        for j, node in enumerate(nodes):
+            others = np.delete(nodes, j)
+            basis = polynomial.polyint(polynomial.polyfromroots(others) / np.prod(node - others))
+            x_next = x_next + step * (polynomial.polyval(1.0, basis) - polynomial.polyval(0.0, basis)) * slopes[j]
+        x = exact(float(sigmas[i + 1])) if exact is not None and i < order - 1 else x_next
+    return x
+
+
+def dpmpp_3m_numpy(mixture, x, sigmas, d2_weight=1.0, exact=None):
+    """DPM-Solver++(3M) with eta = 0 in numpy, on a grid ending above 0: k-diffusion's `sample_dpmpp_3m_sde`
+    update (also diffusers' and the DPM-Solver reference's third-order multistep update) with its second
+    divided-difference term multiplied by d2_weight (1: their formula). With `exact(sigma)`, the exact flow
+    replaces the states of the two warm-up steps (orders 1 and 2)."""
+    lam = -np.log(np.asarray(sigmas, np.float64))
+    denoised = []  # newest first
+    for i in range(len(lam) - 1):
+        h = lam[i + 1] - lam[i]
+        denoised.insert(0, mixture.denoise(np, x, float(sigmas[i])))
+        phi_2 = np.expm1(-h) / h + 1          # (e^-h - 1 + h) / h
+        phi_3 = phi_2 / h - 0.5
+        x_next = np.exp(-h) * x - np.expm1(-h) * denoised[0]
+        if i >= 2:
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            d1_0, d1_1 = (denoised[0] - denoised[1]) / r0, (denoised[1] - denoised[2]) / r1
+            d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)   # ~ h^2 D''/2, where the third-order term needs h^2 D''
+            x_next = x_next + phi_2 * d1 - d2_weight * phi_3 * d2
+        elif i == 1:
+            x_next = x_next + phi_2 * (denoised[0] - denoised[1]) / ((lam[1] - lam[0]) / h)
+        x = exact(float(sigmas[i + 1])) if exact is not None and i < 2 else x_next
+    return x
+
+
+def run_reimplementations(config, mixture, table, x_start, reference, karras_outputs):
+    """The karras ODE error of each configured reimplementation, and for those that must reproduce a row, the
+    largest difference from that row's outputs."""
+    rows, differences = [], {}
+    for label, spec in config["reimplementations"].items():
+        for steps in karras_steps(config):
+            grid = np.asarray(schedules.karras(steps, table[0], table[-1]))[:-1]
+            exact = (lambda sigma, start=float(grid[0]): reference(start, sigma)) if spec.get("exact_warmup") \
+                else None
+            if spec["method"] == "lms":
+                output = lms_numpy(mixture, np.asarray(x_start), grid, exact=exact)
+            else:
+                output = dpmpp_3m_numpy(mixture, np.asarray(x_start), grid, spec.get("d2_weight", 1.0), exact)
+            rows.append({"sampler": label, "schedule": "karras", "steps": steps, "nfe": steps - 1,
+                         "error": rms_error(output, reference(float(grid[0]), float(grid[-1])))})
+            matched = karras_outputs.get((spec.get("matches"), steps))
+            if matched is not None:
+                differences[label] = max(differences.get(label, 0.0), float(np.max(np.abs(output - matched))))
+    return rows, differences
 
 
 def run_adaptive(config, mixture, table, names, x_start, reference):
@@ -193,59 +325,260 @@ def _curves(rows, sampler, schedule):
     return [r for r in rows if r["sampler"] == sampler and r["schedule"] == schedule]
 
 
-def _error_cells(curve):
-    return [f"{r['error']:.2e} ({r['nfe']})" for r in curve]
+def _error_cells(curve, key="error"):
+    return [f"{r[key]:.2e} ({r['nfe']})" for r in curve]
 
 
-def write_markdown(path, config, table, deterministic, adaptive, stochastic, floor, elapsed):
-    samplers = sorted({r["sampler"] for r in deterministic})
-    def fit(name, schedule):
-        return fit_order(_curves(deterministic, name, schedule), config["order_fit_min_steps"],
-                         config["error_floor"])
+def _flip_cell(r):
+    return f"{r['flips']} ({r['error_rest']:.1e})" if r["flips"] else "0"
 
+
+def _window(window) -> str:
+    return f"{window[0]}-{window[1]}"
+
+
+def _orders_text(values) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+class _Fits:
+    """Fitted orders of the deterministic rows (and of the reimplementations) over the configured windows."""
+
+    def __init__(self, config, rows):
+        self.config, self.rows = config, rows
+
+    def practical(self, name, schedule="karras", key="error"):
+        return fit_order(_curves(self.rows, name, schedule), self.config["order_fit_steps"],
+                         self.config["error_floor"], key)
+
+    def asymptotic(self, name, key="error"):
+        return fit_order(_curves(self.rows, name, "karras"), self.config["asymptotic_fit_steps"],
+                         self.config["error_floor"], key)
+
+
+def _refused_text(refused):
+    if not refused:
+        return ""
+    return "Not run, because they refuse a plain sigma grid with default options: " + "; ".join(
+        f"`{name}` ({message})" for name, message in sorted(refused.items())) + "."
+
+
+def _euler_text(config, deterministic, fits):
+    """The measured account of euler's RMS curve on karras, from the numbers in the tables."""
+    curve = _curves(deterministic, "euler", "karras")
+    if not curve:
+        return "euler did not run."
+    flipped = [r for r in curve if r["flips"]]
+    if not flipped:
+        return "No euler path on karras ends in another mixture component than the exact flow in this run."
+    cells = "; ".join(f"{r['steps']} steps: {r['flips']} of {config['samples']} paths, RMS {r['error']:.2e}, "
+                      f"RMS of the other paths {r['error_rest']:.2e}, median {r['median']:.2e}" for r in flipped)
+    clean = [r for r in curve if r["steps"] > flipped[-1]["steps"]]
+    after = (f"From {clean[0]['steps']} steps on no path flips, and the RMS, too, halves with every doubling of "
+             f"the steps (local orders {_orders_text(local_orders(clean))}); between {flipped[-1]['steps']} and "
+             f"{clean[0]['steps']} steps, as the last flip goes, it falls by a factor "
+             f"{flipped[-1]['error'] / clean[0]['error']:.1f}." if clean else
+             "Paths still flip at the largest step count.")
+    window, asymptotic = config["order_fit_steps"], config["asymptotic_fit_steps"]
+    return (f"euler (and ddim and euler_ancestral(eta=0), which are euler) sends a few paths to another mixture "
+            f"component than the exact flow ({cells}). Such a path misses by about the distance between two "
+            f"components, so one path of {config['samples']} can dominate the RMS, while the median follows the "
+            f"first-order rate throughout (its local orders: {_orders_text(local_orders(curve, 'median'))}). The "
+            f"effect is real, and it stays in the RMS table: a path that starts near the boundary between two "
+            f"components' basins of the flow can be pushed across it by the first-order step error at large "
+            f"sigma. It is pre-asymptotic. {after} So over {_window(window)} steps euler's RMS order is "
+            f"{fits.practical('euler'):.2f} (median {fits.practical('euler', key='median'):.2f}): the flipped paths "
+            f"at the low end of that window tilt the slope; over "
+            f"{_window(asymptotic)} steps it is {fits.asymptotic('euler'):.2f} (median "
+            f"{fits.asymptotic('euler', 'median'):.2f}).")
+
+
+def _reimplementation_summary(config, reimplemented, label):
+    points = _curves(reimplemented, label, "karras")
+    return (f"{label}: {fit_order(points, config['asymptotic_fit_steps'], config['error_floor']):.2f} "
+            f"(last local orders {_orders_text(local_orders(points)[-3:])})")
+
+
+def _warmup_text(config, deterministic, reimplemented, differences, fits):
+    if not _curves(deterministic, "lms", "karras") or not _curves(reimplemented, "lms", "karras"):
+        return "lms did not run."
+    checks = "; ".join(_reimplementation_summary(config, reimplemented, label) for label in config["reimplementations"]
+                       if label.startswith("lms"))
+    return (f"A multistep method has no history at its first step, so it starts with lower orders: lms (order 4) "
+            f"takes steps of order 1, 2, 3 first; dpmpp_2m, deis, dpmpp_3m_sde and ipndm take an order-1 first "
+            f"step. The first step's local error is O(h^2) and is not repeated, so "
+            f"it leaves an O(h^2) global error, damped by the flow from sigma_max down but not vanishing faster. "
+            f"A higher-order method's error is then its design-order term plus this h^2 term, and the h^2 term "
+            f"wins at large step counts: lms fits {fits.practical('lms'):.2f} over {_window(config['order_fit_steps'])}"
+            f" steps but {fits.asymptotic('lms'):.2f} over {_window(config['asymptotic_fit_steps'])} (local orders "
+            f"{_orders_text(local_orders(_curves(deterministic, 'lms', 'karras'))[-4:])} over the last step counts), "
+            f"and plms / pndm / ipndm reach 2 (pndm and plms start with a Heun step, but their fixed Adams-Bashforth "
+            f"weights assume equal steps, which a karras grid does not have; ipndm's docstring says it is second "
+            f"order on such grids). {_unipc_text(deterministic, fits)} The "
+            f"numpy reimplementation of lms below reproduces sdjax's to {differences.get('lms', math.nan):.1e}; "
+            f"with the exact flow in place of its three warm-up steps it is fourth order ({checks}). The cap is "
+            f"a property of the methods as published (k-diffusion's lms starts the same way), not of sdjax.")
+
+
+def _unipc_text(deterministic, fits):
+    variant = "unipc(lower_order_final=False)"
+    if not _curves(deterministic, "unipc", "karras") or not _curves(deterministic, variant, "karras"):
+        return ""
+    return (f"unipc, whose corrector raises every step's order by one (the first step's included), fits "
+            f"{fits.asymptotic('unipc'):.2f}, but its median {fits.asymptotic('unipc', 'median'):.2f}: with its "
+            f"default lower_order_final the last step is first order and, on a grid that ends above 0, "
+            f"uncorrected, and the O(h^2) error of that step is not damped by any later flow. The median shows "
+            f"it first; the RMS, set by the paths with the largest third-order errors, bends only at larger step "
+            f"counts. {variant} fits {fits.asymptotic(variant):.2f} (median "
+            f"{fits.asymptotic(variant, 'median'):.2f}).")
+
+
+def _dpmpp_3m_text(config, deterministic, reimplemented, differences, fits):
+    label = "dpmpp_3m_sde(eta=0)"
+    if not _curves(deterministic, label, "karras"):
+        return "dpmpp_3m_sde(eta=0) did not run."
+    checks = "; ".join(_reimplementation_summary(config, reimplemented, name) for name in config["reimplementations"]
+                       if name.startswith("3m"))
+    return (f"DPM-Solver++(3M), dpmpp_3m_sde(eta=0), fits {fits.practical(label):.2f} over "
+            f"{_window(config['order_fit_steps'])} steps and {fits.asymptotic(label):.2f} over "
+            f"{_window(config['asymptotic_fit_steps'])} (median {fits.asymptotic(label, 'median'):.2f}): second "
+            f"order even before the warm-up cap. The cause is its update formula, which sdjax takes from "
+            f"k-diffusion's `sample_dpmpp_3m_sde` (diffusers' and the DPM-Solver reference's third-order "
+            f"multistep update are the same): x' = e^-h x + (1 - e^-h) D0 + phi_2 d1 - phi_3 d2, phi_2 = "
+            f"(e^-h - 1 + h) / h, phi_3 = phi_2 / h - 1/2 ~ -h/6. Its d2, the second divided difference of D in "
+            f"units of h, tends to h^2 D''/2, while the D'' term of the exact solution, the integral of "
+            f"e^-(h-t) t^2/2 D'' dt over [0, h] ~ h^3 D''/6, needs -phi_3 times h^2 D''. The term is half the "
+            f"third-order one, which leaves a local error ~ h^3 D''/12 per step and a global error of order 2. "
+            f"The numpy reimplementation below reproduces sdjax's dpmpp_3m_sde(eta=0) to "
+            f"{differences.get('3m, D2 weight 1', math.nan):.1e} with D2 weight 1. Asymptotic orders ({checks}): "
+            f"the published formula stays second order even with an exact warm-up; with the doubled weight it is "
+            f"third order until the warm-up's h^2 term appears, and third order throughout with an exact warm-up. "
+            f"sdjax keeps k-diffusion's formula by default (its samplers are checked against k-diffusion and "
+            f"diffusers); its order is a property of that formula, measured here, not something a fit window "
+            f"creates. `dpmpp_3m_sde(taylor_third_order=True)` uses the full weight: the row "
+            f"dpmpp_3m_sde(eta=0, taylor) fits {fits.practical('dpmpp_3m_sde(eta=0, taylor)'):.2f} over "
+            f"{_window(config['order_fit_steps'])} steps.")
+
+
+def write_markdown(path, config, table, deterministic, reimplemented, differences, adaptive, stochastic, floor,
+                   refused, elapsed, quick=False):
+    labels = list(dict.fromkeys(r["sampler"] for r in deterministic))
+    fits = _Fits(config, deterministic)
+    window, asymptotic = _window(config["order_fit_steps"]), _window(config["asymptotic_fit_steps"])
     seconds = {r["sampler"]: r["seconds"] for r in deterministic if r["schedule"] == "timing"}
     steps_header = [f"{s} steps" for s in config["steps"]]
-    by_order = sorted(samplers, key=lambda name: -np.nan_to_num(fit(name, "karras")))
-    ode_rows = [[name, f"{fit(name, 'karras'):.2f}"] + _error_cells(_curves(deterministic, name, "karras"))
-                + [f"{1e3 * seconds[name]:.2f}"] for name in by_order]
-    sample_rows = [[name, f"{fit(name, TO_ZERO):.2f}"] + _error_cells(_curves(deterministic, name, TO_ZERO))
+    karras_header = [f"{s} steps" for s in karras_steps(config)]
+    by_order = sorted(labels, key=lambda name: -np.nan_to_num(fits.practical(name)))
+    ode_rows = [[name, f"{fits.practical(name):.2f}", f"{fits.practical(name, key='median'):.2f}",
+                 f"{fits.asymptotic(name):.2f}", f"{fits.asymptotic(name, 'median'):.2f}"]
+                + _error_cells(_curves(deterministic, name, "karras")) + [f"{1e3 * seconds[name]:.2f}"]
+                for name in by_order]
+    median_rows = [[name] + _error_cells(_curves(deterministic, name, "karras"), "median") for name in by_order]
+    flip_rows = [[name] + [_flip_cell(r) for r in _curves(deterministic, name, "karras")] for name in by_order
+                 if any(r["flips"] for r in _curves(deterministic, name, "karras"))]
+    last_flip_rows = [[name] + [str(max([r["steps"] for r in _curves(deterministic, name, s) if r["flips"]],
+                                        default="-")) for s in config["schedules"]] for name in by_order]
+    local_header = [f"{a}->{b}" for a, b in zip(karras_steps(config), karras_steps(config)[1:])]
+    local_rows = [[name] + [f"{p:.2f}" for p in local_orders(_curves(deterministic, name, "karras"))]
+                  for name in by_order]
+    sample_rows = [[name, f"{fits.practical(name, TO_ZERO):.2f}"] + _error_cells(_curves(deterministic, name, TO_ZERO))
                    for name in by_order]
-    order_rows = [[name] + [f"{fit(name, s):.2f}" for s in config["schedules"]] for name in by_order]
-    middle = config["steps"][len(config["steps"]) // 2]
+    order_rows = [[name] + [f"{fits.practical(name, s):.2f} / {fits.practical(name, s, 'median'):.2f}"
+                            for s in config["schedules"]] for name in by_order]
+    middle = config["by_schedule_steps"]
     middle_rows = [[name] + [f"{r['error']:.1e}" for s in config["schedules"] for r in _curves(deterministic, name, s)
                              if r["steps"] == middle] for name in by_order]
+    equal_rows = [[r["sampler"], r["equals"], f"{r['difference']:.1e}"] for r in deterministic
+                  if r["schedule"] == "equals"]
+    reimplementation_rows = []
+    for label, spec in config["reimplementations"].items():
+        points = _curves(reimplemented, label, "karras")
+        matches = f"{spec['matches']} ({differences[label]:.1e})" if label in differences else "-"
+        reimplementation_rows.append(
+            [label, matches, f"{fit_order(points, config['order_fit_steps'], config['error_floor']):.2f}",
+             f"{fit_order(points, config['asymptotic_fit_steps'], config['error_floor']):.2f}"]
+            + [f"{r['error']:.2e}" for r in points])
     adaptive_rows = [[r["sampler"], r["rtol"], r["nfe"], f"{r['error']:.2e}"] for r in adaptive]
     stochastic_rows = [[r["sampler"], r["steps"], r["nfe"], f"{r['mean_error']:.4f}", f"{r['cov_error']:.4f}"]
                        for r in stochastic]
     stochastic_rows.append(["exact data samples (Monte-Carlo floor)", "-", "-", f"{floor['mean_error']:.4f}",
                             f"{floor['cov_error']:.4f}"])
+    quick_note = ("\n**Smoke run (--quick)**: too few paths and step counts; the explanations below describe the "
+                  "full run and need not fit these numbers.\n" if quick else "")
     text = f"""# Sampler benchmark: analytic Gaussian mixture
 
 Regenerate: `python -m experiments.sampler_bench.run` (see README.md). Plot: `error_vs_nfe.png`.
-
+{quick_note}
 **Problem.** A {config['mixture']['components']}-component Gaussian mixture in {config['mixture']['dim']}-D with
 diagonal covariances; every sampler gets its exact denoiser E[x0 | x], so all error is the sampler's own.
 Noise range and discrete tables are Stable Diffusion's ({config['model_schedule']['beta_schedule']}, sigma
 {table[0]:.4f} to {table[-1]:.4f}). Arithmetic float64; {config['samples']} paths from exact samples of the noised
 marginal at sigma_max.
 
-**Error.** RMS over paths of |x_sampler - x_exact|, x_exact from a DOP853 solve of the probability-flow ODE
-(rtol = atol = {config['reference_tolerance']:g}) over the same sigma interval. *ODE error*: the grid without its
-final 0, so the sampler integrates the ODE from sigma_max to the grid's last positive sigma; this is what the
-convergence order measures. *Sample error*: the whole grid down to sigma = 0, whose last jump sigma_min -> 0 is a
-single step for most samplers and sets an error floor that no step count removes. **Order**: least-squares slope of
-log error against log NFE over steps >= {config['order_fit_min_steps']} and error > {config['error_floor']:g}.
-**NFE** is counted at run time. Cells: error (NFE).
+**Rows.** Every deterministic sampler with its default options, and configured settings (`variants` in
+config.py), labelled like `dpmpp_3m_sde(eta=0)`: the deterministic settings of samplers that are stochastic by
+default, and unipc without its lower-order final step. A variant that must reproduce another row
+(euler_ancestral(eta=0) is euler) is checked on every grid (table "Variants that must reproduce another row").
+{_refused_text(refused)}
 
-## ODE error on the karras schedule (sorted by fitted order)
+**Error.** Per path, |x_sampler - x_exact|, x_exact from a DOP853 solve of the probability-flow ODE
+(rtol = atol = {config['reference_tolerance']:g}) over the same sigma interval; tables give the RMS over paths
+unless they say *median*. *ODE error*: the grid without its final 0, so the sampler integrates the ODE from
+sigma_max to the grid's last positive sigma; this is what the convergence order measures. *Sample error*: the
+whole grid down to sigma = 0, whose last jump sigma_min -> 0 is a single step for most samplers and sets an error
+floor that no step count removes. **Flips**: paths whose endpoint's most probable mixture component differs from
+the exact endpoint's. **NFE** is counted at run time. Cells: error (NFE).
 
-{_table(["sampler", "order"] + steps_header + [f"ms/call ({config['timing_steps']} steps, to 0)"], ode_rows)}
+**Order.** Least-squares slope of log error against log NFE (points with error > {config['error_floor']:g}),
+for the RMS and for the median, over two windows: *{window} steps*, the practical range, on every schedule; and on
+karras, which also runs {', '.join(map(str, config['karras_extra_steps']))} steps, *{asymptotic} steps*, the
+asymptotic order. (The discrete schedules are not run past {config['steps'][-1]} steps: they pick from the
+{config['model_schedule']['num_train_timesteps']}-entry timestep table, which such grids exhaust.) The two windows
+differ for two reasons, both measured below: euler's flipped paths at the low end of the practical window, and the
+warm-up of the multistep methods at the high end of the asymptotic one.
+
+### Why the median and the flips: euler's kink
+
+The RMS is the headline number, but on a multi-modal target it can be set by a handful of paths.
+{_euler_text(config, deterministic, fits)} The median shows the typical path's discretisation error; the flips
+tables show how many paths reach another mode, and up to which step count; the local-order table shows where each
+curve reaches its asymptotic slope.
+
+### Why the multistep methods end at order 2
+
+{_warmup_text(config, deterministic, reimplemented, differences, fits)}
+
+### Why dpmpp_3m_sde(eta=0) is not third order
+
+{_dpmpp_3m_text(config, deterministic, reimplemented, differences, fits)}
+
+## ODE error on the karras schedule (RMS, sorted by the {window} order)
+
+{_table(["sampler", f"order {window}", "median", f"order {asymptotic}", "median"] + karras_header + [f"ms/call ({config['timing_steps']} steps, to 0)"], ode_rows)}
+
+## Median per-path ODE error on the karras schedule
+
+{_table(["sampler"] + karras_header, median_rows)}
+
+## Paths ending in another mixture component (karras ODE, of {config['samples']})
+
+Cells: flipped paths (RMS ODE error of the other paths); rows without any flip on karras are left out.
+
+{_table(["sampler"] + karras_header, flip_rows) if flip_rows else "No flips on karras."}
+
+## Largest step count with a flipped path, by schedule (ODE; - = none)
+
+{_table(["sampler"] + config["schedules"], last_flip_rows)}
+
+## Local order of the RMS ODE error on karras (slope between consecutive step counts)
+
+{_table(["sampler"] + local_header, local_rows)}
 
 ## Sample error on the karras schedule, down to sigma = 0
 
-{_table(["sampler", "order"] + steps_header, sample_rows)}
+{_table(["sampler", f"order {window}"] + steps_header, sample_rows)}
 
-## Fitted order of the ODE error by schedule
+## Fitted order of the ODE error by schedule, {window} steps (RMS / median)
 
 {_table(["sampler"] + config["schedules"], order_rows)}
 
@@ -253,15 +586,30 @@ log error against log NFE over steps >= {config['order_fit_min_steps']} and erro
 
 {_table(["sampler"] + config["schedules"], middle_rows)}
 
+## Variants that must reproduce another row
+
+Largest |difference| of the outputs over every grid of every schedule (ODE and, on karras, down to 0).
+
+{_table(["variant", "must equal", "max |difference|"], equal_rows)}
+
+## Reimplementations: warm-up and the DPM-Solver++(3M) formula (karras ODE error, RMS)
+
+numpy reimplementations (`lms_numpy`, `dpmpp_3m_numpy` in run.py). *exact warm-up*: the exact flow replaces the
+states of the lower-order warm-up steps (lms: 3, 3m: 2). *D2 weight*: the factor on DPM-Solver++(3M)'s
+second-divided-difference term (1: the published formula, 2: the third-order one). "reproduces": the row a plain
+reimplementation must match, with the largest |difference| over the grids. NFE = steps - 1.
+
+{_table(["reimplementation", "reproduces", f"order {window}", f"order {asymptotic}"] + karras_header, reimplementation_rows)}
+
 ## Adaptive samplers: sample error over a tolerance sweep
 
 {_table(["sampler", "rtol", "NFE", "sample error"], adaptive_rows)}
 
 ## Stochastic samplers: moment errors on karras, down to sigma = 0 ({config['stochastic_samples']} samples)
 
-Default options. Mean error |mean - exact|; covariance error ||cov - exact||_F / ||exact||_F. The last row is the
-Monte-Carlo noise of as many exact data samples: values near it mean the bias is below what this sample size
-resolves.
+Default options (their eta = 0 settings are rows of the deterministic tables). Mean error |mean - exact|;
+covariance error ||cov - exact||_F / ||exact||_F. The last row is the Monte-Carlo noise of as many exact data
+samples: values near it mean the bias is below what this sample size resolves.
 
 {_table(["sampler", "steps", "NFE", "mean error", "cov error"], stochastic_rows)}
 
@@ -283,30 +631,40 @@ def plot(path, config, deterministic, stochastic, floor):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = config["schedules"] + [TO_ZERO, "stochastic"]
+    panels = config["schedules"] + [TO_ZERO, "karras, median", "stochastic"]
     columns = 3
-    grid_rows = math.ceil(len(panels) / columns)
+    grid_rows = math.ceil((len(panels) + 1) / columns)  # at least one more cell, for the shared legend
     figure, axes = plt.subplots(grid_rows, columns, figsize=(5.2 * columns, 3.9 * grid_rows), squeeze=False)
-    samplers = sorted({r["sampler"] for r in deterministic})
-    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(samplers), 2)))
+    labels = list(dict.fromkeys(r["sampler"] for r in deterministic))
+    variants = set(config["variants"])
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(labels), 2)))
+    handles = []
     for ax, panel in zip(axes.flat, panels):
         if panel == "stochastic":
             for color, name in zip(plt.get_cmap("tab10").colors, sorted({r["sampler"] for r in stochastic})):
                 curve = [r for r in stochastic if r["sampler"] == name]
                 ax.loglog([r["nfe"] for r in curve], [r["cov_error"] for r in curve], "o-", color=color, label=name)
             ax.axhline(floor["cov_error"], color="black", linestyle=":", label="Monte-Carlo floor")
-            ax.set_title("stochastic, karras: covariance rel. error")
+            ax.set_title("stochastic (default options), karras: cov. rel. error", fontsize=10)
+            ax.legend(fontsize=6, ncol=2)
         else:
-            for i, (color, name) in enumerate(zip(colors, samplers)):
-                curve = _curves(deterministic, name, panel)
-                ax.loglog([r["nfe"] for r in curve], [r["error"] for r in curve], marker="os^vD"[i % 5], ms=3,
-                          linestyle=["-", "--", ":"][i % 3], color=color, label=name)
-            ax.set_title(f"{panel}: {'sample' if panel == TO_ZERO else 'ODE'} error")
+            schedule, key = ("karras", "median") if panel == "karras, median" else (panel, "error")
+            handles = []
+            for i, (color, name) in enumerate(zip(colors, labels)):
+                curve = _curves(deterministic, name, schedule)
+                # Variants dotted with crosses, so one that retraces another row stays visible.
+                style = dict(linestyle=":", marker="x", ms=5) if name in variants else dict(
+                    linestyle=["-", "--"][i % 2], marker="os^vD"[i % 5], ms=3)
+                handles += ax.loglog([r["nfe"] for r in curve], [r[key] for r in curve], color=color, label=name,
+                                     **style)
+            kind = "sample" if panel == TO_ZERO else "ODE"
+            ax.set_title(f"{schedule}: {'median' if key == 'median' else 'RMS'} {kind} error", fontsize=10)
         ax.set_xlabel("NFE")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
-    for ax in list(axes.flat)[len(panels):]:
+    legend_axes = list(axes.flat)[len(panels):]
+    for ax in legend_axes:
         ax.axis("off")
+    legend_axes[0].legend(handles=handles, loc="center", fontsize=8, ncol=2, title="deterministic rows")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -316,7 +674,7 @@ def plot(path, config, deterministic, stochastic, floor):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds)")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run")
     parser.add_argument("--out", type=pathlib.Path, default=HERE, help="where results.md and the plot go")
     args = parser.parse_args()
     config = get_config(quick=args.quick)
@@ -334,16 +692,20 @@ def main():
                                                                tolerance=config["reference_tolerance"])
             return solutions[sigma_start, sigma_end]
 
-        deterministic_names, adaptive_names, stochastic_names = classify_samplers(mixture, table)
-        print(f"deterministic: {deterministic_names}\nadaptive: {adaptive_names}\nstochastic: {stochastic_names}")
+        deterministic_names, adaptive_names, stochastic_names, refused = classify_samplers(mixture, table)
+        specs = deterministic_specs(config, mixture, table, deterministic_names)
+        print(f"deterministic: {[spec['label'] for spec in specs]}\nadaptive: {adaptive_names}\n"
+              f"stochastic: {stochastic_names}\nnot run: {sorted(refused)}")
         x_start = jnp.asarray(start_points)
-        deterministic = run_deterministic(config, mixture, table, deterministic_names, x_start, reference)
+        deterministic, karras_outputs = run_deterministic(config, mixture, table, specs, x_start, reference)
+        reimplemented, differences = run_reimplementations(config, mixture, table, x_start, reference,
+                                                           karras_outputs)
         adaptive = run_adaptive(config, mixture, table, adaptive_names, x_start, reference)
         stochastic, floor = run_stochastic(config, mixture, table, stochastic_names, config["seed"])
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_markdown(args.out / "results.md", config, table, deterministic, adaptive, stochastic, floor,
-                   time.perf_counter() - began)
+    write_markdown(args.out / "results.md", config, table, deterministic, reimplemented, differences, adaptive,
+                   stochastic, floor, refused, time.perf_counter() - began, quick=args.quick)
     plot(args.out / "error_vs_nfe.png", config, deterministic, stochastic, floor)
     print(f"wrote {args.out / 'results.md'} and {args.out / 'error_vs_nfe.png'}")
 
