@@ -68,8 +68,8 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
 
     def unet_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
                 control_scales=None):
-        down, mid = ((control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
-                                        control_scales)) if spec.controlnets else (None, None))
+        down, mid = (control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
+                                       control_scales) if spec.controlnets else (None, None))
         if spec.unet_inpaint_channels:
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
         return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid)

@@ -314,7 +314,7 @@ class Pipeline:
         return generation.generate_program(self._models, spec, self.alphas_cumprod, params, inputs, on_denoise)
 
     def _count_denoise(self):
-        """Host side of the progress callback: one call per image per denoiser evaluation."""
+        """Host side of the progress callback: one call per denoiser evaluation (per image under lax.map)."""
         bar = self._progress_bar
         if bar is not None:
             bar.record_call()
@@ -329,7 +329,7 @@ class Pipeline:
         self.tokenizer.save_pretrained(folder / "tokenizer")
         scheduler_dir = folder / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
-        diffusers_folder._write_json(scheduler_dir / "scheduler_config.json", self.scheduler_config)
+        diffusers_folder.write_json(scheduler_dir / "scheduler_config.json", self.scheduler_config)
         diffusers_folder.write_model_index(folder, self.scheduler_config.get("_class_name", "PNDMScheduler"))
 
     # --- pure functions behind the jit ---------------------------------------------------------------------

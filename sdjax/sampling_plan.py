@@ -7,7 +7,6 @@ reproduces a diffusers scheduler config.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping
 
 import numpy as np
@@ -86,10 +85,3 @@ def plan_from_names(sampler: str | None, schedule: str | None, steps: int, alpha
     sigmas = np.asarray(build(steps, schedules.sigma_table(alphas_cumprod)), np.float64)
     return SamplingPlan(sampler, sigmas, tuple(sorted((options or {}).items())), schedule=schedule)
 
-
-def describe(plan: SamplingPlan) -> dict[str, Any]:
-    """Settings worth recording next to an image."""
-    return {"sampler": plan.sampler, "schedule": plan.schedule, "steps": plan.steps,
-            "sigma_max": round(float(plan.sigmas[0]), 4),
-            "options": dict(plan.options) or None,
-            "nfe": plan.nfe if plan.nfe is not None else math.nan}

@@ -103,7 +103,7 @@ def write_component(folder: Path, name: str, config, raw_config: dict | None, pa
     meta = ({"_class_name": spec.class_name} if spec.library == "diffusers"
             else {"architectures": [spec.class_name], "model_type": "clip_text_model"})
     config_json = {**(raw_config or {}), **meta, **config.to_dict()}
-    _write_json(target / "config.json", config_json)
+    write_json(target / "config.json", config_json)
     state = {k: v.astype(dtype) for k, v in keymap.state_dict_from_params(jax.device_get(params)).items()}
     filename = "diffusion_pytorch_model.safetensors" if spec.library == "diffusers" else "model.safetensors"
     tensors.write_safetensors(target / filename, state, metadata={"format": "pt"})
@@ -116,10 +116,10 @@ def write_model_index(folder: Path, scheduler_class: str, pipeline_class: str = 
              "scheduler": ["diffusers", scheduler_class],
              "safety_checker": [None, None], "feature_extractor": [None, None],
              "requires_safety_checker": False}
-    _write_json(folder / "model_index.json", index)
+    write_json(folder / "model_index.json", index)
 
 
-def _write_json(path: Path, value: dict) -> None:
+def write_json(path: Path, value: dict) -> None:
     temporary = path.with_name(path.name + ".partial")
     temporary.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     temporary.replace(path)
