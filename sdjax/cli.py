@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from sdjax.errors import SdjaxError
@@ -64,7 +65,8 @@ def _unit_interval(text: str) -> float:
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to draw")
     parser.add_argument("--negative", default="", help="what to avoid (negative prompt)")
-    parser.add_argument("--model", required=True, help="diffusers-layout folder or hub id")
+    parser.add_argument("--model", help="diffusers-layout folder or hub id (default: the small shapes model that "
+                                        "ships inside sdjax)")
     parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
     parser.add_argument("--sampler", help="sampler name (euler, dpmpp_2m, ...); default: the model's scheduler "
                                           "config, as diffusers would run it")
@@ -89,9 +91,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="do not use the persistent compilation cache")
     parser.add_argument("--cache-dir", help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {DEFAULT_CACHE})")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="show a progress bar over sampler steps (default: when stderr is a terminal). JAX "
-                             "0.10 does not persist programs with host callbacks, so a run with the bar compiles "
-                             "afresh; runs without it reuse the compilation cache")
+                        help="show a progress bar over sampler steps (default: when stderr is a terminal); "
+                             "adaptive samplers (dpm_adaptive) show none")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +197,8 @@ def run_sampling_command(args) -> int:
     import jax.numpy as jnp
 
     from sdjax import images as image_io
-    from sdjax.pipeline import load_pipeline
-    from sdjax.weights import diffusers_folder, hub
+    from sdjax.pipeline import load_pipeline, model_folder
+    from sdjax.weights import diffusers_folder
 
     check_output(args.out)
     check_sampling_names(args)
@@ -215,7 +216,7 @@ def run_sampling_command(args) -> int:
     if args.command == "controlnet":
         edit["control"] = control_arguments(args)
         height, width = edit["control"][0][1].shape[:2]
-    folder = hub.resolve(args.model)
+    folder = model_folder(args.model)
     factor = diffusers_folder.read_config(folder, "vae")[0].downscale_factor
     if (height and height % factor) or (width and width % factor):
         raise SdjaxError(f"size {width}x{height} must be a multiple of the VAE factor {factor}")
@@ -255,7 +256,7 @@ def write_images(args, result) -> None:
         text = image_io.a1111_parameters(args.prompt, args.negative, {
             "Steps": result.settings["steps"], "Sampler": result.settings["sampler"],
             "Schedule type": result.settings["schedule"], "CFG scale": args.cfg, "Seed": seed,
-            "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name,
+            "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name if args.model else "sdjax-shapes",
             "Guidance rescale": args.rescale or None, "Clip skip": args.clip_skip,
             "Denoising strength": getattr(args, "strength", None),
             "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
@@ -283,8 +284,13 @@ def run_convert(args) -> int:
     return 0
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"sdjax: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    warnings.formatwarning = one_line_warning
     if argv[:1] == ["train"]:
         from sdjax.train.cli import main as train_main
         return train_main(argv[1:])

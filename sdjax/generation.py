@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from sdjax import control, denoisers
+from sdjax.errors import InvalidArgumentError
 from sdjax.models.controlnet import sum_residuals
 from sdjax.scheduler_config import pin_timesteps
-from sdjax.samplers import get_sampler
+from sdjax.samplers import get_sampler, stepping
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,9 @@ class ProgramSpec:
     controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
     mesh: Any = None  # a jax.sharding.Mesh with axis "data": each device runs its share of the batch
     guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
+    # Run only the sampler steps [window_start, window_stop) from a carried state (sdjax.samplers.stepping); the
+    # host calls the program once per window, which drives a progress bar without host callbacks.
+    windowed: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +56,7 @@ class Models:
     decode: Callable       # (params, scaled latents) -> pixels in [-1, 1]
 
 
-def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: dict, inputs: dict,
-                     on_denoise: Callable | None = None):
+def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: dict, inputs: dict):
     """uint8 images (N, H, W, 3) and the final (VP) latents.
 
     inputs: cond_ids, uncond_ids (N, 77); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
@@ -61,7 +64,9 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
     needs them; for ControlNets control_images (a tuple of (N, H, W, 3) in [0, 1]) and control_scales,
     control_starts, control_ends (K,); model_timesteps (rows of (sigma, t)) when the spec pins them.
-    `on_denoise(denoise) -> denoise` may wrap the denoiser (progress reporting).
+    A windowed spec also takes window_start, window_stop (int32) and window_resume (bool), and per image the
+    sampler's `carry` to resume from (omitted: only its structure is traced); it returns that carry third, and
+    decodes images only in the window that reaches the last step (zeros before).
     """
     sigmas = inputs["sigmas"]
     sampler = get_sampler(spec.sampler)
@@ -104,17 +109,31 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
 
         if spec.blend_known_region:
             denoise = keep_known_region(denoise, image["image_latents"], image["mask"], noise, sigmas[0])
-        if on_denoise is not None:
-            denoise = on_denoise(denoise)
         if spec.start_from_image:
             x = image["image_latents"] + sigmas[0] * noise  # diffusers' add_noise, in VE scaling
         else:
             x = noise * inputs["init_noise_sigma"]
-        x = sampler(denoise, x, sigmas, sampler_key, **dict(spec.options))
+        run_sampler = lambda x: sampler(denoise, x, sigmas, sampler_key, **dict(spec.options))
+        if spec.windowed:
+            steps = sigmas.shape[0] - 1
+            window = stepping.Window(inputs["window_start"], inputs["window_stop"], inputs["window_resume"],
+                                     per_image.get("carry"))
+            with stepping.window(window):
+                x = run_sampler(x)
+        else:
+            x = run_sampler(x)
         if spec.blend_known_region:
             x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
         latents = x if spec.ve_latents else denoisers.to_vp(x, sigmas[-1])
-        return to_uint8(models.decode(params["vae"], latents))[0], latents[0]
+        decode = lambda latents: to_uint8(models.decode(params["vae"], latents))[0]
+        if not spec.windowed:
+            return decode(latents), latents[0]
+        if window.scans != 1:
+            raise InvalidArgumentError(f"sampler {spec.sampler!r} does not loop over a fixed grid of steps, so it "
+                                       f"cannot run a window of steps at a time")
+        blank = lambda latents: jnp.zeros(jax.eval_shape(decode, latents).shape, jnp.uint8)
+        images = jax.lax.cond(inputs["window_stop"] >= steps, decode, blank, latents)
+        return images, latents[0], window.final_carry
 
     def local_batch(per_image):
         return jax.lax.map(one_image, per_image) if spec.batch_invariant else jax.vmap(one_image)(per_image)
@@ -123,11 +142,12 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     if spec.mesh is None:
         return local_batch(per_image)
     batch = jax.sharding.PartitionSpec("data")
-    return jax.shard_map(local_batch, mesh=spec.mesh, in_specs=(batch,), out_specs=(batch, batch))(per_image)
+    outputs = (batch,) * (3 if spec.windowed else 2)
+    return jax.shard_map(local_batch, mesh=spec.mesh, in_specs=(batch,), out_specs=outputs)(per_image)
 
 
 SHARED_INPUTS = ("sigmas", "init_noise_sigma", "model_timesteps", "control_scales", "control_starts",
-                 "control_ends")
+                 "control_ends", "window_start", "window_stop", "window_resume")
 """Inputs that all images share; every other input has the batch as its leading axis."""
 
 

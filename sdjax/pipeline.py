@@ -4,6 +4,7 @@ contract methods, each jit-compiled once per input shape. `load_pipeline` builds
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -14,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import generation, progress, schedules
+from sdjax import embedded, generation, progress, schedules
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.clip import CLIPTextModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
+from sdjax.tokenizer import save_tokenizer
 from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub
 
@@ -44,8 +46,10 @@ class Pipeline:
 
     def __init__(self, configs: ModelConfigs, params: dict, tokenizer, scheduler_config: dict, *,
                  dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, is_embedded: bool = False):
         self.configs = configs
+        # The embedded shapes model warns about prompt words it never learned (sdjax.embedded).
+        self.is_embedded = is_embedded
         # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
         self.mesh = mesh
         self.params = jax.device_put(params, None if mesh is None else replicated(mesh))
@@ -63,9 +67,9 @@ class Pipeline:
             resolve_config(scheduler_config) if scheduler_config.get("_class_name") in CLASS_DEFAULTS
             else scheduler_config)
         self._models = generation.Models(self._encode_tokens, self._unet_apply, self._decode_scaled)
-        self._program = jax.jit(self._run_program, static_argnames=("spec", "report"))
-        self._executables: dict = {}  # (spec, report, input shapes) -> compiled generation program
-        self._progress_bar: progress.ProgressBar | None = None
+        self._program = jax.jit(self._run_program, static_argnames="spec")
+        self._executables: dict = {}  # (spec, input shapes) -> compiled generation program
+        self._carry_shapes: dict = {}  # the same keys -> the sampler carry of a windowed program
 
     # --- contract methods --------------------------------------------------------------------------------
 
@@ -127,8 +131,9 @@ class Pipeline:
                  control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
                  batch_invariant: bool = False, show_progress: bool = False,
                  _edit: "Edit | None" = None) -> "GenerationResult":
-        """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone; `latents` (N, h, w, c)
-        replaces that noise, unscaled, as diffusers' `latents` argument does.
+        """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone (one prompt with several
+        seeds gives one image per seed); `latents` (N, h, w, c) replaces that noise, unscaled, as diffusers'
+        `latents` argument does.
 
         control: ControlNet conditioning (`sdjax.Control`, or a list of them, whose residuals add up);
         guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
@@ -142,6 +147,8 @@ class Pipeline:
             height, width = pixels.shape[1:3]
             plan = plan if _edit.strength == 1.0 else plan.for_strength(_edit.strength)
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
+        if self.is_embedded:
+            embedded.warn_unknown_words(self.tokenizer.get_vocab(), request.prompts)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
         if _edit is not None:
@@ -206,6 +213,8 @@ class Pipeline:
         negatives = negatives * len(prompts) if len(negatives) == 1 else list(negatives)
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidArgumentError(f"num_images must be a positive integer, got {num_images!r}")
+        if seeds is not None and len(prompts) == 1 and num_images == 1:
+            num_images = len(seeds)  # one prompt, several seeds: one image per seed
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         if seeds is None:
@@ -272,13 +281,10 @@ class Pipeline:
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
             pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec_overrides)
-        # Under vmap the progress callback fires once per evaluation for the whole batch; under lax.map once
-        # per image.
-        evaluations = (plan.nfe or plan.steps) * (request.count if spec.batch_invariant else 1)
-        self._progress_bar = progress.ProgressBar(evaluations, label=plan.sampler) if show_progress else None
-        executable, compile_seconds = self._compiled(params, inputs, spec, show_progress)
-        started = time.perf_counter()
-        images, latents = executable(params, inputs)
+        if show_progress and plan.nfe is not None:
+            images, latents, compile_seconds, started = self._run_windows(params, inputs, spec, plan)
+        else:
+            images, latents, compile_seconds, started = self._run_whole(params, inputs, spec)
         images = np.asarray(images)
         return GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
                                 settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
@@ -286,6 +292,37 @@ class Pipeline:
                                               guidance_scale=float(inputs["guidance_scale"][0]),
                                               height=request.height, width=request.width),
                                 seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
+
+    def _run_whole(self, params, inputs, spec):
+        """All steps in one call. Adaptive samplers (no fixed count of evaluations) show no progress bar."""
+        executable, compile_seconds = self._compiled(params, inputs, spec)
+        started = time.perf_counter()
+        images, latents = executable(params, inputs)
+        return images, latents, compile_seconds, started
+
+    def _run_windows(self, params, inputs, spec, plan):
+        """One call of the same compiled program per sampler step, the sampler's carry passed from call to call
+        (sdjax.samplers.stepping): the progress bar needs no host callback, so the program is cached on disk."""
+        spec = dataclasses.replace(spec, windowed=True)
+        place = (lambda values: values) if self.mesh is None else (lambda values: self._shard(values, count))
+        count = len(inputs["seeds"])
+        step = lambda k: place({"window_start": jnp.int32(k), "window_stop": jnp.int32(k + 1),
+                                "window_resume": jnp.bool_(k > 0)})
+        inputs = {**inputs, **step(0)}
+        key = self._program_key(inputs, spec)
+        if key not in self._carry_shapes:  # the sampler's carry, found by tracing without compiling
+            self._carry_shapes[key] = jax.eval_shape(functools.partial(self._run_program, spec=spec),
+                                                     params, inputs)[2]
+        carry = place({"carry": jax.tree.map(lambda leaf: jnp.zeros(leaf.shape, leaf.dtype),
+                                             self._carry_shapes[key])})["carry"]
+        executable, compile_seconds = self._compiled(params, {**inputs, "carry": carry}, spec)
+        bar = progress.ProgressBar(plan.steps, label=plan.sampler)
+        started = time.perf_counter()
+        for k in range(plan.steps):
+            images, latents, carry = executable(params, {**inputs, **step(k), "carry": carry})
+            jax.block_until_ready(carry)
+            bar.advance()
+        return images, latents, compile_seconds, started
 
     def _shard(self, inputs: dict, count: int) -> dict:
         """Per-image inputs split over the mesh's devices along the batch, shared inputs replicated."""
@@ -297,27 +334,24 @@ class Pipeline:
         return {key: jax.device_put(value, replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
                 for key, value in inputs.items()}
 
-    def _compiled(self, params: dict, inputs: dict, spec, report: bool):
+    def _compiled(self, params: dict, inputs: dict, spec):
         """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
         it was compiled before). Values never enter the key: new prompts, seeds or guidance reuse it."""
-        leaves, treedef = jax.tree_util.tree_flatten(inputs)
-        key = (spec, report, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
+        key = self._program_key(inputs, spec)
         if key in self._executables:
             return self._executables[key], 0.0
         started = time.perf_counter()
-        executable = self._program.lower(params, inputs, spec=spec, report=report).compile()
+        executable = self._program.lower(params, inputs, spec=spec).compile()
         self._executables[key] = executable
         return executable, time.perf_counter() - started
 
-    def _run_program(self, params, inputs, spec, report):
-        on_denoise = (lambda denoise: progress.report_calls(denoise, self._count_denoise)) if report else None
-        return generation.generate_program(self._models, spec, self.alphas_cumprod, params, inputs, on_denoise)
+    @staticmethod
+    def _program_key(inputs: dict, spec) -> tuple:
+        leaves, treedef = jax.tree_util.tree_flatten(inputs)
+        return (spec, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
 
-    def _count_denoise(self):
-        """Host side of the progress callback: one call per denoiser evaluation (per image under lax.map)."""
-        bar = self._progress_bar
-        if bar is not None:
-            bar.record_call()
+    def _run_program(self, params, inputs, spec):
+        return generation.generate_program(self._models, spec, self.alphas_cumprod, params, inputs)
 
     def save_pretrained(self, folder: str | os.PathLike, *, dtype=np.float32) -> None:
         """Write a diffusers-layout folder that diffusers (torch) and `load_pipeline` both load."""
@@ -326,7 +360,7 @@ class Pipeline:
         for name in _MODULES:
             diffusers_folder.write_component(folder, name, getattr(self.configs, name), self.raw_configs.get(name),
                                              self.params[name], dtype=dtype)
-        self.tokenizer.save_pretrained(folder / "tokenizer")
+        save_tokenizer(self.tokenizer, folder / "tokenizer")
         scheduler_dir = folder / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
         diffusers_folder.write_json(scheduler_dir / "scheduler_config.json", self.scheduler_config)
@@ -434,19 +468,17 @@ def to_unit_range(images) -> jax.Array:
 
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
                   variant: str | None = None, attention: str = "einsum") -> Pipeline:
-    """Load a Stable Diffusion pipeline from a diffusers folder or a hub id.
+    """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
+    model that ships inside sdjax (`sdjax.embedded`).
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
     is split evenly between them (default: the first local device only).
     """
-    if path_or_hub_id is None:
-        raise InvalidArgumentError("load_pipeline needs a diffusers folder or hub id: no model ships inside "
-                                   "sdjax yet")
     dtype_name = np.dtype(dtype).name
     if dtype_name not in _PARAM_DTYPES:
         raise InvalidArgumentError(f"dtype={dtype_name!r} is not supported; use one of {', '.join(_PARAM_DTYPES)}")
-    folder = hub.resolve(path_or_hub_id, variant)
+    folder = model_folder(path_or_hub_id, variant)
     diffusers_folder.read_model_index(folder)
     from transformers import CLIPTokenizer
 
@@ -459,4 +491,14 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     mesh = None if devices is None else jax.sharding.Mesh(np.asarray(devices), ("data",))
     return Pipeline(ModelConfigs(**loaded), params, tokenizer, scheduler_config, dtype=dtype,
-                    attention=attention, raw_configs=raw, mesh=mesh)
+                    attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL)
+
+
+def model_folder(path_or_hub_id: str | os.PathLike | None, variant: str | None = None) -> Path:
+    """The local folder of a model: the embedded one for None, else a folder or a (downloaded) hub id."""
+    if path_or_hub_id is not None:
+        return hub.resolve(path_or_hub_id, variant)
+    if not (embedded.EMBEDDED_MODEL / "model_index.json").is_file():
+        raise InvalidArgumentError(f"the embedded model is missing from this installation ({embedded.EMBEDDED_MODEL}"
+                                   f"); reinstall sdjax, or pass a diffusers folder or hub id")
+    return embedded.EMBEDDED_MODEL

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -82,3 +83,16 @@ def save_pipeline_folder(variant: Variant, folder, unet_in_channels: int = 4) ->
     pipeline = build_pipeline(variant, folder.with_name(folder.name + "_tokenizer"), unet_in_channels)
     pipeline.save_pretrained(folder, safe_serialization=True)
     return pipeline
+
+
+def assert_images_match(ours, reference_unit):
+    """Per-pixel agreement with diffusers' float output in [0, 1]: at most 2/255, on average under 0.5/255."""
+    reference = np.round(np.asarray(reference_unit) * 255.0)
+    difference = np.abs(ours.astype(np.float64) - reference)
+    assert ours.shape == reference.shape
+    assert difference.max() <= 2 and difference.mean() <= 0.5, (difference.max(), difference.mean())
+
+
+def nchw(array):
+    """NHWC numpy -> NCHW float32 torch tensor."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 3, 1, 2)))

@@ -44,9 +44,11 @@ def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp
         assert grid.size == (32, 16)
 
 
-def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path):
+@pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
+def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path, progress):
+    """Also with the progress bar: it is driven by calling the cached program once per step, not by callbacks."""
     cache = tmp_path / "cache"
-    args = ["generate", "a cat", "--model", str(sd1_folder[0]), *BASE, "--no-progress", "--cache-dir", str(cache)]
+    args = ["generate", "a cat", "--model", str(sd1_folder[0]), *BASE, progress, "--cache-dir", str(cache)]
     first = sdjax_command(*args, "--out", str(tmp_path / "first.png"))
     assert first.returncode == 0, first.stderr
     assert any(p.name.startswith("jit__run_program") for p in cache.iterdir())
@@ -54,6 +56,7 @@ def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path)
     second = sdjax_command(*args, "--out", str(tmp_path / "second.png"))
     assert second.returncode == 0, second.stderr
     assert "read from the persistent compilation cache" in second.stderr
+    assert ("euler 2/2 [" in second.stderr) == (progress == "--progress")
     np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "second.png"))
 
 

@@ -10,22 +10,11 @@ from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2i
 
 import sdjax
 from sdjax.errors import InvalidArgumentError
+from tests.fixtures import assert_images_match, nchw
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse"]
 NEGATIVE = ["blurry", "ugly"]
 SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
-
-
-def assert_images_match(ours, reference_unit):
-    """Per-pixel agreement with diffusers' float output in [0, 1]: at most 2/255, on average under 0.5/255."""
-    reference = np.round(np.asarray(reference_unit) * 255.0)
-    difference = np.abs(ours.astype(np.float64) - reference)
-    assert ours.shape == reference.shape
-    assert difference.max() <= 2 and difference.mean() <= 0.5, (difference.max(), difference.mean())
-
-
-def nchw(array):
-    return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 3, 1, 2)))
 
 
 def torch_noise(shape_nhwc, seed):

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.samplers import stepping
 
 
 def to_d(x, sigma, denoised):
@@ -115,8 +116,7 @@ def scan_steps(step, x, sigmas):
         return step(x, *pair), None
 
     indices = jnp.arange(sigmas.shape[0] - 1)
-    x, _ = jax.lax.scan(body, x, (indices, sigmas[:-1], sigmas[1:]))
-    return x
+    return stepping.scan(body, x, (indices, sigmas[:-1], sigmas[1:]))
 
 
 def euler_move(x, sigma, denoised, sigma_to):

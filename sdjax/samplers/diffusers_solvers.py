@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.samplers import stepping
 from sdjax.samplers.common import (
     ancestral_step, combine_history, euler_move, exp_remainder, is_concrete_zero, pick_order, push_history, require_choice,
     require_key, require_nonnegative, require_order, sampler, scan_steps, step_noise, working_arrays)
@@ -126,7 +127,7 @@ def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midp
         return (x_next, x_start, history), None
 
     history = jnp.zeros((order,) + x.shape, x.dtype)
-    (x, _, _), _ = jax.lax.scan(body, (x, x, history), (jnp.arange(num_steps), orders))
+    x, _, _ = stepping.scan(body, (x, x, history), (jnp.arange(num_steps), orders))
     return x
 
 

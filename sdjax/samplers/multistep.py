@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.samplers import unipc as _unipc
+from sdjax.samplers import stepping
 from sdjax.samplers.common import (
     combine_history, exp_remainder, is_concrete_zero, pick_order, push_history, require_choice, require_key,
     require_nonnegative, require_order, sampler, step_noise, to_d, warmup_order, working_arrays)
@@ -83,7 +84,7 @@ def _scan_with_history(denoise, x, sigmas, depth, record, advance, history=None)
 
     if history is None:
         history = jnp.zeros((depth,) + x.shape, x.dtype)
-    (x, _), _ = jax.lax.scan(body, (x, history), jnp.arange(sigmas.shape[0] - 1))
+    x, _ = stepping.scan(body, (x, history), jnp.arange(sigmas.shape[0] - 1))
     return x
 
 

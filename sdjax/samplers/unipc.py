@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.samplers import stepping
 from sdjax.samplers.common import (
     combine_history, exp_remainder, pick_order, push_history, require_choice, require_order, sampler,
     warmup_order, working_arrays)
@@ -127,5 +128,5 @@ def unipc(denoise, x, sigmas, key=None, *, order=2, variant="bh2", lower_order_f
 
     history = jnp.zeros((order + 1,) + x.shape, x.dtype)
     carry = (x, x, history, jnp.ones((), jnp.int32))
-    (x, *_), _ = jax.lax.scan(body, carry, jnp.arange(num_steps))
+    x, *_ = stepping.scan(body, carry, jnp.arange(num_steps))
     return x

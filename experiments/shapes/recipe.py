@@ -1,0 +1,206 @@
+"""Re-create sdjax's embedded shapes model from nothing, with sdjax's own code:
+
+    python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes
+
+1. data      the procedural captioned dataset (scenes.py), PNG files + metadata.jsonl
+2. init      a CLIP BPE tokenizer learned from the training captions; a diffusers folder of freshly
+             initialised VAE, text encoder and U-Net (model/*.json) with the noise schedule
+3. vae       `sdjax train` stage vae (train_vae.py)
+4. base      the trained VAE with its latent scaling factor measured as SD's authors did (1 / std of the
+             latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
+5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py)
+6. package   the EMA weights in float16 with a model card, written to --out
+
+Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
+output is complete, so rerunning the command after an interruption continues where it stopped.
+`--smoke` runs the whole recipe at toy sizes (a few images and steps) to check the plumbing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("data", "init", "vae", "base", "unet", "package")
+DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
+SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
+
+log = logging.getLogger("sdjax.shapes")
+
+
+def _json(path: Path) -> dict:
+    return {k: v for k, v in json.loads(path.read_text()).items() if k != "_comment"}
+
+
+def _replace_dir(build, folder: Path) -> Path:
+    """Run build(partial) and move the result to `folder`, so an interrupted stage never leaves a half folder."""
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    build(partial)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)
+    return folder
+
+
+def captions(data: Path) -> list[str]:
+    return [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines() if line]
+
+
+def write_init_folder(folder: Path, data: Path, seed: int) -> None:
+    """Tokenizer learned from the captions, and freshly initialised components, as a diffusers folder."""
+    import jax
+
+    from sdjax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
+    from sdjax.pipeline import ModelConfigs, Pipeline
+    from sdjax.train.task import init_params
+    from sdjax.tokenizer import learn_bpe, write_clip_tokenizer
+
+    text_raw = _json(HERE / "model" / "text_encoder.json")
+    tokenizer = write_clip_tokenizer(folder / "tokenizer", learn_bpe(captions(data)),
+                                     model_max_length=text_raw["max_position_embeddings"])
+    text_raw["vocab_size"] = len(tokenizer)
+    raw = {"unet": _json(HERE / "model" / "unet.json"), "vae": _json(HERE / "model" / "vae.json"),
+           "text_encoder": text_raw}
+    configs = ModelConfigs(unet=UNetConfig.from_dict(raw["unet"]), vae=VAEConfig.from_dict(raw["vae"]),
+                           text_encoder=CLIPTextConfig.from_dict(raw["text_encoder"]))
+    key = jax.random.key(seed)
+    params = {name: init_params(name, getattr(configs, name), jax.random.fold_in(key, i))
+              for i, name in enumerate(("unet", "vae", "text_encoder"))}
+    Pipeline(configs, params, tokenizer, _json(HERE / "model" / "scheduler_config.json"),
+             raw_configs=raw).save_pretrained(folder)
+
+
+def latent_std(pipeline, data: Path, count: int = 1024, batch: int = 64) -> float:
+    """Standard deviation of posterior samples of the first `count` training images at scaling factor 1."""
+    import jax
+
+    from sdjax.train.data import ImageSource, scan_folder
+
+    source = ImageSource(scan_folder(data)[:count], 64)
+    vae = pipeline.modules["vae"]
+    latents = []
+    for start in range(0, len(source), batch):
+        pixels = np.stack([source.pixels(i) for i in range(start, min(start + batch, len(source)))])
+        posterior = vae.apply({"params": pipeline.params["vae"]}, pixels.astype(np.float32) / 127.5 - 1.0,
+                              method=vae.encode)
+        latents.append(np.asarray(posterior.sample(jax.random.key(start))))
+    return float(np.std(np.concatenate(latents)))
+
+
+def write_base_folder(folder: Path, vae_export: Path, data: Path) -> float:
+    """The VAE stage's export with vae/config.json's scaling_factor set to 1 / std of the latents."""
+    import sdjax
+
+    scale = float(f"{1.0 / latent_std(sdjax.load_pipeline(vae_export), data):.5g}")
+    shutil.copytree(vae_export, folder)
+    config_path = folder / "vae" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "scaling_factor": scale}, indent=2))
+    return scale
+
+
+def train_stage(config_file: Path, workdir: Path, overrides: list[str]) -> Path:
+    """`sdjax train config_file --workdir workdir --set ...`; returns the export folder."""
+    from sdjax.train.config import load_config
+    from sdjax.train.loop import train
+
+    export = workdir / "export"
+    if export.is_dir():
+        return export
+    result = train(load_config(config_file, overrides), workdir)
+    if result.export_dir is None:
+        raise SystemExit(f"training in {workdir} stopped early ({result.stopped_by_signal}); rerun to continue")
+    return result.export_dir
+
+
+MODEL_CARD = """# sdjax shapes-64
+
+A small text-to-image latent diffusion model that sdjax trains itself and ships, so that `sdjax generate`
+works without downloading anything. It draws one circle, square or triangle in one of eight colours
+(red, green, blue, yellow, purple, orange, white, black), small or large, on the left, right, top, bottom or
+center, on a plain background of another of those colours, at 64x64 pixels. It knows nothing else.
+
+- Autoencoder: SD's AutoencoderKL architecture, 4 latent channels, factor 8 (64x64 -> 8x8x4).
+- Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
+  jointly with the U-Net.
+- U-Net: SD's UNet2DConditionModel architecture with cross-attention, epsilon prediction, linear betas.
+- Weights: the EMA, float16. Default sampler: DPM-Solver++(2M) with Karras sigmas.
+
+Re-create it: `python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes`
+(see experiments/shapes/README.md).
+
+Trained by: {revision}; scaling_factor {scale}; {seconds:.0f} s in all.
+"""
+
+
+def package(unet_export: Path, out: Path, note: dict) -> Path:
+    """The trained pipeline in float16 with a model card, swapped into `out` in one move."""
+    import sdjax
+
+    pipeline = sdjax.load_pipeline(unet_export)
+
+    def build(folder: Path):
+        pipeline.save_pretrained(folder, dtype=np.float16)
+        (folder / "README.md").write_text(MODEL_CARD.format(**note))
+
+    return _replace_dir(build, out)
+
+
+def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package") -> Path:
+    from sdjax.train.loop import git_revision
+
+    started = time.perf_counter()
+    stages = STAGES[:STAGES.index(until) + 1]
+    data_dir, init_dir, base_dir = workdir / "data", workdir / "init", workdir / "base"
+    overrides = SMOKE["train"] if smoke else []
+    with_data = lambda folder: [f"model.pretrained={folder}", f"data.folder={data_dir}"] + overrides
+
+    log.info("data: %s", data_dir)
+    from experiments.shapes.dataset import write_dataset
+    write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED)
+    if "init" in stages and not init_dir.is_dir():
+        log.info("init: tokenizer and fresh weights in %s", init_dir)
+        _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED), init_dir)
+    if "vae" in stages:
+        log.info("vae: training in %s", workdir / "vae")
+        vae_export = train_stage(HERE / "train_vae.py", workdir / "vae", with_data(init_dir))
+    if "base" in stages and not base_dir.is_dir():
+        _replace_dir(lambda folder: write_base_folder(folder, vae_export, data_dir), base_dir)
+    scale = _json(base_dir / "vae" / "config.json")["scaling_factor"] if base_dir.is_dir() else None
+    log.info("base: %s (latent scaling_factor %s)", base_dir, scale)
+    if "unet" in stages:
+        log.info("unet: training in %s", workdir / "unet")
+        unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
+                                  with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"])
+    if "package" in stages:
+        package(unet_export, out, {"revision": git_revision(), "scale": scale,
+                                   "seconds": time.perf_counter() - started})
+        log.info("package: %s", out)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/shapes", help="where the stages write (resumable)")
+    parser.add_argument("--out", default="runs/shapes/package", help="the packaged model folder")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the recipe in about a minute")
+    parser.add_argument("--until", choices=STAGES, default="package", help="stop after this stage")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
+    logging.getLogger("sdjax").setLevel(logging.INFO)
+    started = time.perf_counter()
+    run(Path(args.workdir), Path(args.out), smoke=args.smoke, until=args.until)
+    log.info("done in %.0f s", time.perf_counter() - started)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""Stage 2 of the shapes model: the text-conditioned U-Net and its text encoder, trained jointly on the latents
+of the stage-1 autoencoder (recipe.py writes runs/shapes/base: the trained VAE with its measured scaling
+factor, a fresh U-Net and text encoder, the learned tokenizer)."""
+from sdjax.train.config import DataConfig, DiffusionConfig, ModelConfig, OptimizerConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        stage="unet", seed=0, batch_size=64, num_steps=3500, log_every=25, checkpoint_every=250,
+        keep_checkpoints=2,
+        # No CLIP exists for this world, so the text encoder learns from the denoising loss alone, as the latent
+        # diffusion paper's text-to-image model trained its transformer jointly with the U-Net.
+        model=ModelConfig(pretrained="runs/shapes/base", train_text_encoder=True),
+        # Min-SNR-5 (Hang et al. 2023) for faster convergence; 10% empty captions for classifier-free guidance.
+        diffusion=DiffusionConfig(min_snr_gamma=5.0, caption_dropout=0.1),
+        optimizer=OptimizerConfig(learning_rate=3e-4, schedule="cosine", warmup_steps=200,
+                                  final_learning_rate_fraction=0.1, ema_decay=0.999),
+        data=DataConfig(folder="runs/shapes/data", resolution=64, random_flip=False, cache_latents=True),
+    )
