@@ -9,7 +9,8 @@
 4. base      the trained VAE with its latent scaling factor measured as SD's authors did (1 / std of the
              latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
 5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py)
-6. package   the EMA weights in float16 with a model card, written to --out
+6. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
+7. package   the U-Net and text encoder of 5 with the VAE of 6, EMA weights in float16, a model card, to --out
 
 Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
 output is complete, so rerunning the command after an interruption continues where it stopped.
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "init", "vae", "base", "unet", "package")
+STAGES = ("data", "init", "vae", "base", "unet", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
 SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
 
@@ -127,7 +128,8 @@ works without downloading anything. It draws one circle, square or triangle in o
 (red, green, blue, yellow, purple, orange, white, black), small or large, on the left, right, top, bottom or
 center, on a plain background of another of those colours, at 64x64 pixels. It knows nothing else.
 
-- Autoencoder: SD's AutoencoderKL architecture, 4 latent channels, factor 8 (64x64 -> 8x8x4).
+- Autoencoder: SD's AutoencoderKL architecture, 4 latent channels, factor 8 (64x64 -> 8x8x4); its decoder
+  fine-tuned afterwards with the encoder frozen, as SD's ft-MSE decoder was.
 - Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
   jointly with the U-Net.
 - U-Net: SD's UNet2DConditionModel architecture with cross-attention, epsilon prediction, linear betas.
@@ -140,11 +142,13 @@ Trained by: {revision}; scaling_factor {scale}; {seconds:.0f} s in all.
 """
 
 
-def package(unet_export: Path, out: Path, note: dict) -> Path:
-    """The trained pipeline in float16 with a model card, swapped into `out` in one move."""
+def package(unet_export: Path, decoder_export: Path, out: Path, note: dict) -> Path:
+    """The diffusion stage's pipeline with the fine-tuned decoder's VAE, in float16 with a model card, swapped into
+    `out` in one move."""
     import sdjax
 
     pipeline = sdjax.load_pipeline(unet_export)
+    pipeline.params = {**pipeline.params, "vae": sdjax.load_pipeline(decoder_export).params["vae"]}
 
     def build(folder: Path):
         pipeline.save_pretrained(folder, dtype=np.float16)
@@ -179,8 +183,11 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
         log.info("unet: training in %s", workdir / "unet")
         unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
                                   with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"])
+    if "decoder" in stages:
+        log.info("decoder: training in %s", workdir / "decoder")
+        decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))
     if "package" in stages:
-        package(unet_export, out, {"revision": git_revision(), "scale": scale,
+        package(unet_export, decoder_export, out, {"revision": git_revision(), "scale": scale,
                                    "seconds": time.perf_counter() - started})
         log.info("package: %s", out)
     return out

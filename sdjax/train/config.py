@@ -84,6 +84,9 @@ class VAELossConfig:
     adversarial terms: reconstruction summed over each image plus kl_weight * KL, averaged over the batch."""
     reconstruction: str = option("l1", "reconstruction distance: l1 or l2")
     kl_weight: float = option(1e-6, "weight of KL(q(z|x) || N(0, I)) (1e-6 in the paper)")
+    decoder_only: bool = option(False, "train only the decoder (post_quant_conv + decoder), the encoder frozen: the "
+                                       "latent space a U-Net learned stays as it is (how SD's ft-MSE VAE decoders "
+                                       "were made)")
 
     def __post_init__(self):
         _check_choice("vae_loss.reconstruction", self.reconstruction, ("l1", "l2"))

@@ -127,8 +127,9 @@ def make_vae_loss(vae, config: VAELossConfig) -> LossFn:
 
     def loss_fn(params, frozen, batch, key):
         pixels = batch["pixels"]
-        posterior = vae.apply({"params": params["vae"]}, pixels, method=vae.encode)
-        decoded = vae.apply({"params": params["vae"]}, posterior.sample(key), method=vae.decode)
+        weights = {**frozen.get("vae", {}), **params["vae"]}  # frozen: the encoder, when only the decoder trains
+        posterior = vae.apply({"params": weights}, pixels, method=vae.encode)
+        decoded = vae.apply({"params": weights}, posterior.sample(key), method=vae.decode)
         per_pixel = distance(decoded.astype(jnp.float32) - pixels)
         reconstruction = jnp.mean(jnp.sum(per_pixel, axis=(1, 2, 3)))
         kl = jnp.mean(posterior.kl().astype(jnp.float32))

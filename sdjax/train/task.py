@@ -32,6 +32,7 @@ PRESETS = {
     "vae": {"tiny": model_configs.TINY_VAE, "sd": model_configs.SD_VAE},
 }
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+DECODER_PARTS = ("post_quant_conv", "decoder")  # the VAE params vae_loss.decoder_only trains
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +120,10 @@ def trained_components(config: TrainConfig) -> tuple[str, ...]:
 def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
     """What identifies the model in a checkpoint: the stage, the trained components, and every component's
     architecture (the frozen ones define the latent space and the conditioning the trained ones learn)."""
-    return {"stage": config.stage, "trained": list(trained_components(config)),
+    trained = list(trained_components(config))
+    if config.stage == "vae" and config.vae_loss.decoder_only:
+        trained = [f"vae.{part}" for part in DECODER_PARTS]
+    return {"stage": config.stage, "trained": trained,
             "architecture": {name: value.to_dict() for name, value in arch.items()}}
 
 
@@ -141,7 +145,12 @@ def build_task(config: TrainConfig, base: Pipeline, key) -> Task:
               "fingerprint": fingerprint(config, arch)}
 
     if config.stage == "vae":
-        return Task(**common, frozen={}, loss_fn=make_vae_loss(modules["vae"], config.vae_loss),
+        frozen = {}
+        if config.vae_loss.decoder_only:
+            vae = params["vae"]
+            common["trainable"] = {"vae": {k: v for k, v in vae.items() if k in DECODER_PARTS}}
+            frozen = {"vae": {k: v for k, v in vae.items() if k not in DECODER_PARTS}}
+        return Task(**common, frozen=frozen, loss_fn=make_vae_loss(modules["vae"], config.vae_loss),
                     prepare_batch=lambda host: {"pixels": to_unit_range(host["pixels"])}, encode_moments=None)
 
     loss_fn = make_diffusion_loss(

@@ -18,8 +18,8 @@ def test_the_smoke_recipe_trains_both_stages_and_packages_a_model(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "package"
     first = recipe(workdir, out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage in ("vae", "unet"):
-        assert json.loads((workdir / stage / "config.json").read_text())["stage"] == stage
+    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("decoder", "vae")):
+        assert json.loads((workdir / stage / "config.json").read_text())["stage"] == kind
         assert (workdir / stage / "export" / "model_index.json").is_file()
     scale = json.loads((workdir / "base" / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == scale != 1.0
@@ -33,6 +33,15 @@ def test_the_smoke_recipe_trains_both_stages_and_packages_a_model(tmp_path):
     moved = lambda name: not all(np.array_equal(a, b) for a, b in zip(
         *(jax_leaves(p.params[name]) for p in (init, pipeline))))
     assert moved("text_encoder") and moved("unet") and moved("vae")
+    # The decoder stage changed the decoder only: the encoder (the latent space of the U-Net) is stage 1's.
+    base, decoder = sdjax.load_pipeline(workdir / "base"), sdjax.load_pipeline(workdir / "decoder" / "export")
+    for part in ("encoder", "quant_conv"):
+        assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(base.params["vae"][part]),
+                                                         jax_leaves(decoder.params["vae"][part])))
+    assert not all(np.array_equal(a, b) for a, b in zip(jax_leaves(base.params["vae"]["decoder"]),
+                                                         jax_leaves(decoder.params["vae"]["decoder"])))
+    assert all(np.array_equal(a.astype(np.float16), b.astype(np.float16)) for a, b in zip(
+        jax_leaves(decoder.params["vae"]), jax_leaves(pipeline.params["vae"])))  # the package is float16
 
     second = recipe(workdir, out)  # everything is done: no stage trains again
     assert second.returncode == 0, second.stderr[-3000:]
