@@ -1,8 +1,8 @@
 """A small but real CLIP byte-level BPE tokenizer, written to disk, for tests that cannot reach the hub.
 
 The files are written by `sdjax.tokenizer.write_clip_tokenizer` (openai/clip-vit-large-patch14's layout).
-Merges are added so that every word of `COMMON_WORDS` is one token;
-any other text still tokenizes, character by character.
+Merges are added so that every word of `COMMON_WORDS` is one token; any other text still tokenizes, character
+by character.
 """
 from __future__ import annotations
 

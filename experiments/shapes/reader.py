@@ -1,10 +1,10 @@
 """Read a scene back from an image by plain image analysis, to check a generated image against its prompt.
 
-Each pixel is assigned the nearest palette colour. The background is the most common colour of the border;
-the shape is the most common other colour, and the largest connected region of it is the shape's mask. From the mask: position from
-the centre of its bounding box, size from the box's longer side, kind from how much of the box it fills
-(square 1, circle pi/4, triangle 1/2). Thresholds sit halfway between what `scenes.render` draws for
-neighbouring categories, so an image reads right when it is drawn right and wrong when it is not.
+Each pixel is assigned the nearest palette colour. The background is the most common colour of the border; the
+shape is the most common other colour, and the largest connected region of it is the shape's mask. From the
+mask: position from the centre of its bounding box, size from the box's longer side, kind from how much of the
+box it fills (square 1, circle pi/4, triangle 1/2). Thresholds sit halfway between what `scenes.render` draws
+for neighbouring categories, so an image reads right when it is drawn right and wrong when it is not.
 """
 from __future__ import annotations
 
