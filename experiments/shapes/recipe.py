@@ -8,9 +8,11 @@
 3. vae       `sdjax train` stage vae (train_vae.py)
 4. base      the trained VAE with its latent scaling factor measured as SD's authors did (1 / std of the
              latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
-5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py)
-6. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
-7. package   the U-Net and text encoder of 5 with the VAE of 6, EMA weights in float16, a model card, to --out
+5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py, epsilon, Min-SNR-5)
+6. refine    both fine-tuned to v-prediction with uniform weighting (train_refine.py): what the scene is gets
+             decided at high noise, where stage 5's loss hardly looks
+7. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
+8. package   the U-Net and text encoder of 6 with the VAE of 7, EMA weights in float16, a model card, to --out
 
 Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
 output is complete, so rerunning the command after an interruption continues where it stopped.
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "init", "vae", "base", "unet", "decoder", "package")
+STAGES = ("data", "init", "vae", "base", "unet", "refine", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
 SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
 
@@ -132,7 +134,8 @@ center, on a plain background of another of those colours, at 64x64 pixels. It k
   fine-tuned afterwards with the encoder frozen, as SD's ft-MSE decoder was.
 - Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
   jointly with the U-Net.
-- U-Net: SD's UNet2DConditionModel architecture with cross-attention, epsilon prediction, linear betas.
+- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas; trained with epsilon
+  prediction, then fine-tuned to v-prediction.
 - Weights: the EMA, float16. Default sampler: DPM-Solver++(2M) with Karras sigmas.
 
 Re-create it: `python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes`
@@ -183,6 +186,10 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
         log.info("unet: training in %s", workdir / "unet")
         unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
                                   with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"])
+    if "refine" in stages:
+        log.info("refine: training in %s", workdir / "refine")
+        unet_export = train_stage(HERE / "train_refine.py", workdir / "refine",
+                                  with_data(unet_export) + [f"data.cache_dir={workdir / 'latent_cache'}"])
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")
         decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))

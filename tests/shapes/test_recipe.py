@@ -18,12 +18,13 @@ def test_the_smoke_recipe_trains_both_stages_and_packages_a_model(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "package"
     first = recipe(workdir, out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("decoder", "vae")):
+    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("refine", "unet"), ("decoder", "vae")):
         assert json.loads((workdir / stage / "config.json").read_text())["stage"] == kind
         assert (workdir / stage / "export" / "model_index.json").is_file()
     scale = json.loads((workdir / "base" / "vae" / "config.json").read_text())["scaling_factor"]
     assert json.loads((out / "vae" / "config.json").read_text())["scaling_factor"] == scale != 1.0
     assert {"vocab.json", "merges.txt"} <= {p.name for p in (out / "tokenizer").iterdir()}
+    assert json.loads((out / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
     pipeline = sdjax.load_pipeline(out)
     assert not pipeline.is_embedded
     images = pipeline.generate("a red circle on a blue background", steps=3).images
