@@ -115,7 +115,6 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
             x = noise * inputs["init_noise_sigma"]
         run_sampler = lambda x: sampler(denoise, x, sigmas, sampler_key, **dict(spec.options))
         if spec.windowed:
-            steps = sigmas.shape[0] - 1
             window = stepping.Window(inputs["window_start"], inputs["window_stop"], inputs["window_resume"],
                                      per_image.get("carry"))
             with stepping.window(window):
@@ -132,7 +131,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
             raise InvalidArgumentError(f"sampler {spec.sampler!r} does not loop over a fixed grid of steps, so it "
                                        f"cannot run a window of steps at a time")
         blank = lambda latents: jnp.zeros(jax.eval_shape(decode, latents).shape, jnp.uint8)
-        images = jax.lax.cond(inputs["window_stop"] >= steps, decode, blank, latents)
+        images = jax.lax.cond(inputs["window_stop"] >= sigmas.shape[0] - 1, decode, blank, latents)
         return images, latents[0], window.final_carry
 
     def local_batch(per_image):

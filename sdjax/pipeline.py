@@ -304,8 +304,8 @@ class Pipeline:
         """One call of the same compiled program per sampler step, the sampler's carry passed from call to call
         (sdjax.samplers.stepping): the progress bar needs no host callback, so the program is cached on disk."""
         spec = dataclasses.replace(spec, windowed=True)
-        place = (lambda values: values) if self.mesh is None else (lambda values: self._shard(values, count))
         count = len(inputs["seeds"])
+        place = (lambda values: values) if self.mesh is None else (lambda values: self._shard(values, count))
         step = lambda k: place({"window_start": jnp.int32(k), "window_stop": jnp.int32(k + 1),
                                 "window_resume": jnp.bool_(k > 0)})
         inputs = {**inputs, **step(0)}

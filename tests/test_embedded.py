@@ -41,8 +41,8 @@ def test_the_shipped_folder_is_small_half_precision_and_has_clip_tokenizer_files
     files = [p for p in EMBEDDED_MODEL.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     for component in ("unet", "vae", "text_encoder"):
-        weights = next((EMBEDDED_MODEL / component).glob("*.safetensors"))
-        header = json.loads(weights.read_bytes()[8:8 + int.from_bytes(weights.read_bytes()[:8], "little")])
+        data = next((EMBEDDED_MODEL / component).glob("*.safetensors")).read_bytes()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
         assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
     # Loaded from vocab.json + merges.txt alone, as CLIP's original tokenizer files are.
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):

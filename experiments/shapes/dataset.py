@@ -2,6 +2,7 @@
 evaluation prompts. Both are pure functions of their seed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -30,17 +31,12 @@ def write_dataset(folder: str | Path, count: int, seed: int) -> Path:
         (folder / name).parent.mkdir(exist_ok=True)
         Image.fromarray(render(scene, rng)).save(folder / name, compress_level=1)
         lines.append(json.dumps({"file_name": name, "text": training_caption(scene, rng),
-                                 **dataclasses_dict(scene)}))
+                                 **dataclasses.asdict(scene)}))
     partial = folder / "metadata.jsonl.partial"
     partial.write_text("\n".join(lines) + "\n")
     os.replace(partial, folder / "metadata.jsonl")
     manifest.write_text(json.dumps(wanted))  # last: marks the dataset complete
     return folder
-
-
-def dataclasses_dict(scene: Scene) -> dict[str, str]:
-    return {"shape": scene.shape, "colour": scene.colour, "background": scene.background, "size": scene.size,
-            "position": scene.position}
 
 
 def held_out_prompts(count: int, seed: int = 1234) -> list[tuple[str, Scene]]:
