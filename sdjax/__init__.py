@@ -2,7 +2,7 @@
 __version__ = "0.1.0"
 import importlib
 
-_EXPORTS = {"Pipeline": "pipeline", "load_pipeline": "pipeline", "GenerationResult": "pipeline",
+_EXPORTS = {"Pipeline": "pipeline", "load_pipeline": "pipeline", "GenerationResult": "pipeline", "Edit": "pipeline",
             "Control": "control", "ControlNet": "control", "load_controlnet": "control"}
 _MODULES = ("samplers", "schedules", "denoisers", "images")
 __all__ = sorted(_EXPORTS) + list(_MODULES)

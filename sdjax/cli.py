@@ -6,44 +6,12 @@ a second with a clear message and leaves no file behind.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
 
+from sdjax import compile_cache
 from sdjax.errors import SdjaxError
-
-DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdjax" / "jax-compilation"
-
-
-def enable_compile_cache(folder: str | os.PathLike | None = None) -> Path:
-    """Turn on JAX's persistent compilation cache, so a new process reuses earlier compilations.
-
-    folder: default $SDJAX_CACHE_DIR, else a cache folder JAX was already given (JAX_COMPILATION_CACHE_DIR),
-    else ~/.cache/sdjax/jax-compilation.
-    """
-    import jax
-
-    folder = Path(folder or os.environ.get("SDJAX_CACHE_DIR") or jax.config.jax_compilation_cache_dir
-                  or DEFAULT_CACHE).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    global _listening
-    if not _listening:  # one listener per process, however often the cache is enabled
-        jax.monitoring.register_event_listener(_count_cache_hit)
-        _listening = True
-    return folder
-
-
-_cache_hits: list[str] = []
-_listening = False
-
-
-def _count_cache_hit(event: str, **_) -> None:
-    if event == "/jax/compilation_cache/cache_hits":
-        _cache_hits.append(event)
-
 
 # --- argument parsing ---------------------------------------------------------------------------------------
 
@@ -89,7 +57,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bitwise the same image for a seed whatever the batch (runs images one by one)")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use the persistent compilation cache")
-    parser.add_argument("--cache-dir", help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {DEFAULT_CACHE})")
+    parser.add_argument("--cache-dir", help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {compile_cache.DEFAULT_CACHE})")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar over sampler steps (default: when stderr is a terminal); "
                              "adaptive samplers (dpm_adaptive) show none")
@@ -98,19 +66,24 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
     commands = parser.add_subparsers(dest="command", required=True)
-    _sampling_arguments(commands.add_parser("generate", help="text to image"))
+    generate = commands.add_parser("generate", help="text to image")
+    _sampling_arguments(generate)
+    generate.set_defaults(func=run_sampling_command, inputs=text_inputs)
     img2img = commands.add_parser("img2img", help="image to image")
     _sampling_arguments(img2img)
+    img2img.set_defaults(func=run_sampling_command, inputs=img2img_inputs)
     img2img.add_argument("--image", required=True, help="starting image (PNG/JPEG)")
     img2img.add_argument("--strength", type=_unit_interval, default=0.8,
                          help="how much of the schedule to run from the noised image, in [0, 1] (default 0.8)")
     inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
     _sampling_arguments(inpaint)
+    inpaint.set_defaults(func=run_sampling_command, inputs=inpaint_inputs)
     inpaint.add_argument("--image", required=True, help="image to repaint")
     inpaint.add_argument("--mask", required=True, help="mask image, white = repaint, same size as the image")
     inpaint.add_argument("--strength", type=_unit_interval, default=1.0, help="in [0, 1] (default 1)")
     controlnet = commands.add_parser("controlnet", help="text to image steered by ControlNet(s)")
     _sampling_arguments(controlnet)
+    controlnet.set_defaults(func=run_sampling_command, inputs=controlnet_inputs)
     controlnet.add_argument("--controlnet", action="append", required=True,
                             help="diffusers ControlNet folder; repeat for several ControlNets")
     controlnet.add_argument("--control-image", action="append", required=True,
@@ -127,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="diffusers folder or hub id")
     convert.add_argument("target", help="new folder")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    convert.set_defaults(func=run_convert)
     commands.add_parser("train", help="train or fine-tune (see `sdjax train --help`)", add_help=False)
     return parser
 
@@ -155,7 +129,7 @@ def check_sampling_names(args) -> None:
     from sdjax.samplers import get_sampler
 
     if args.sampler is not None:
-        get_sampler(args.sampler)
+        get_sampler(args.sampler, public_only=True)
     if args.schedule is not None:
         schedules.get_schedule(args.schedule)
     if args.steps < 1:
@@ -193,55 +167,68 @@ def control_arguments(args) -> list[tuple]:
                     ends))
 
 
-def run_sampling_command(args) -> int:
+def text_inputs(args) -> dict:
+    width, height = args.size or (None, None)
+    return {"height": height, "width": width}
+
+
+def img2img_inputs(args) -> dict:
+    from sdjax.images import load_image
+    from sdjax.pipeline import Edit
+
+    return {"edit": Edit(load_image(args.image)[None], strength=args.strength)}
+
+
+def inpaint_inputs(args) -> dict:
+    from sdjax.images import load_image
+    from sdjax.pipeline import Edit
+
+    image, mask = load_image(args.image)[None], load_image(args.mask, mode="L")[None]
+    if mask.shape[1:] != image.shape[1:3]:
+        raise SdjaxError(f"--mask {args.mask} is {mask.shape[2]}x{mask.shape[1]} but --image {args.image} is "
+                         f"{image.shape[2]}x{image.shape[1]}; they must be the same size")
+    return {"edit": Edit(image, mask, args.strength)}
+
+
+def controlnet_inputs(args) -> dict:
     import jax.numpy as jnp
 
-    from sdjax import images as image_io
+    from sdjax.control import Control, load_controlnet
+
+    controls = [Control(load_controlnet(path, dtype=getattr(jnp, args.dtype)), image, scale, start, end)
+                for path, image, scale, start, end in control_arguments(args)]
+    height, width = controls[0].image.shape[:2]
+    return {"height": height, "width": width, "control": controls, "guess_mode": args.guess_mode}
+
+
+def run_sampling_command(args) -> int:
+    """generate / img2img / inpaint / controlnet: `args.inputs(args)` reads the command's own inputs (images,
+    mask, ControlNets) before the model loads; every command is then one `Pipeline.generate` call."""
+    import jax.numpy as jnp
+
     from sdjax.pipeline import load_pipeline, model_folder
     from sdjax.weights import diffusers_folder
 
     check_output(args.out)
     check_sampling_names(args)
-    width, height = args.size or (None, None)
-    edit = {}
-    if args.command in ("img2img", "inpaint"):
-        edit["image"] = image_io.load_image(args.image)[None]
-        height, width = edit["image"].shape[1:3]
-        edit["strength"] = args.strength
-    if args.command == "inpaint":
-        edit["mask"] = image_io.load_image(args.mask, mode="L")[None]
-        if edit["mask"].shape[1:] != edit["image"].shape[1:3]:
-            raise SdjaxError(f"--mask {args.mask} is {edit['mask'].shape[2]}x{edit['mask'].shape[1]} but --image "
-                             f"{args.image} is {width}x{height}; they must be the same size")
-    if args.command == "controlnet":
-        edit["control"] = control_arguments(args)
-        height, width = edit["control"][0][1].shape[:2]
+    inputs = args.inputs(args)
+    edit = inputs.get("edit")
+    height, width = edit.image.shape[1:3] if edit is not None else (inputs["height"], inputs["width"])
     folder = model_folder(args.model)
-    factor = diffusers_folder.read_config(folder, "vae")[0].downscale_factor
+    factor = diffusers_folder.read_config(folder / "vae", "vae")[0].downscale_factor
     if (height and height % factor) or (width and width % factor):
         raise SdjaxError(f"size {width}x{height} must be a multiple of the VAE factor {factor}")
     if not args.no_compile_cache:
-        enable_compile_cache(args.cache_dir)
+        compile_cache.enable(args.cache_dir)
 
     pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention)
-    settings = dict(steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale, sampler=args.sampler,
-                    schedule=args.schedule, seed=args.seed, num_images=args.count, clip_skip=args.clip_skip,
-                    batch_invariant=args.batch_invariant,
-                    show_progress=sys.stderr.isatty() if args.progress is None else args.progress)
-    if args.command == "generate":
-        result = pipeline.generate(args.prompt, args.negative, height=height, width=width, **settings)
-    elif args.command == "img2img":
-        result = pipeline.img2img(edit["image"], args.prompt, args.negative, strength=edit["strength"], **settings)
-    elif args.command == "controlnet":
-        from sdjax.control import Control, load_controlnet
-        controls = [Control(load_controlnet(path, dtype=getattr(jnp, args.dtype)), image, scale, start, end)
-                    for path, image, scale, start, end in edit["control"]]
-        result = pipeline.generate(args.prompt, args.negative, height=height, width=width, control=controls,
-                                   guess_mode=args.guess_mode, **settings)
-    else:
-        result = pipeline.inpaint(edit["image"], edit["mask"], args.prompt, args.negative,
-                                  strength=edit["strength"], **settings)
-    cached = f" ({len(_cache_hits)} program(s) read from the persistent compilation cache)" if _cache_hits else ""
+    result = pipeline.generate(
+        args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
+        sampler=args.sampler, schedule=args.schedule, seed=args.seed, num_images=args.count,
+        clip_skip=args.clip_skip, batch_invariant=args.batch_invariant,
+        show_progress=sys.stderr.isatty() if args.progress is None else args.progress, **inputs)
+    hits = compile_cache.hits()
+    cached = f" ({hits} program(s) read from the persistent compilation cache)" if hits else ""
     print(f"compiled in {result.compile_seconds:.1f} s{cached}, sampled and decoded in {result.seconds:.1f} s",
           file=sys.stderr)
     write_images(args, result)
@@ -296,9 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "convert":
-            return run_convert(args)
-        return run_sampling_command(args)
+        return args.func(args)
     except SdjaxError as err:
         print(f"sdjax {args.command}: error: {err}", file=sys.stderr)
         return 2

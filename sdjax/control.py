@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.images import image_batch, to_unit_interval
+from sdjax.models.components import COMPONENTS
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.weights import controlnet_folder
 
@@ -54,20 +56,18 @@ def control_images(controls: list[Control], count: int, height: int, width: int)
     """Each Control's images as float32 (count, H, W, 3) in [0, 1], checked against the output size."""
     images = []
     for k, control in enumerate(controls):
-        image = np.asarray(control.image)
-        image = image[None] if image.ndim == 3 else image
+        image = image_batch(control.image, f"control image {k}")
         if image.ndim != 4 or image.shape[1:] != (height, width, 3) or image.shape[0] not in (1, count):
             raise InvalidArgumentError(
-                f"control image {k} has shape {image.shape}; expected (1 or {count}, {height}, {width}, 3), "
-                f"the output size {width}x{height}: resize the control image to it")
-        unit = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+                f"control image {k} has shape {image.shape}; expected ({'1' if count == 1 else f'1 or {count}'}, "
+                f"{height}, {width}, 3), the output size {width}x{height}: resize the control image to it")
+        unit = to_unit_interval(image, f"control image {k}")
         images.append(jnp.asarray(np.broadcast_to(unit, (count, height, width, 3))))
     return tuple(images)
 
 
 def control_model(control: Control, dtype, attention: str) -> ControlNetModel:
-    return ControlNetModel(control.controlnet.config, dtype=dtype, param_dtype=dtype,
-                           attention_implementation=attention)
+    return COMPONENTS["controlnet"].build(control.controlnet.config, dtype, attention)
 
 
 def active_fraction(step, steps, start, end):

@@ -1,4 +1,5 @@
 """Specific exceptions. Every message names the file, key or argument at fault and what to do."""
+import difflib
 
 
 class SdjaxError(Exception):
@@ -23,3 +24,9 @@ class OfflineError(SdjaxError, OSError):
 
 class InvalidArgumentError(SdjaxError, ValueError):
     """A function argument is out of range or inconsistent with the others."""
+
+
+def did_you_mean(value, choices, cutoff: float = 0.6) -> str:
+    """" Did you mean 'x'?" for the choice closest to a misspelt `value`, or "" when none is close."""
+    close = difflib.get_close_matches(str(value), sorted(map(str, choices)), n=1, cutoff=cutoff)
+    return f" Did you mean {close[0]!r}?" if close else ""

@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 
 from sdjax import control, denoisers
+from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.controlnet import sum_residuals
-from sdjax.scheduler_config import pin_timesteps
 from sdjax.samplers import get_sampler, stepping
 
 
@@ -33,8 +33,9 @@ class ProgramSpec:
     quantize_timesteps: bool = False
     clip_skip: int | None = None
     start_from_image: bool = False    # img2img / inpaint with strength < 1: x = image latents + sigma_0 noise
-    blend_known_region: bool = False  # inpainting with an ordinary (4-channel) U-Net
-    unet_inpaint_channels: bool = False  # inpainting U-Net: mask and masked-image latents as extra channels
+    # Inpainting: "blend" holds the known region on the image's trajectory (an ordinary 4-channel U-Net);
+    # "channels" gives an inpainting U-Net the mask and the masked image's latents as extra input channels.
+    inpaint: str | None = None
     # Images one after another (lax.map) instead of as one batch (vmap): bitwise the same result for an image
     # whatever batch it is in, since XLA's kernels may round differently at different batch sizes.
     batch_invariant: bool = False
@@ -75,11 +76,11 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
                 control_scales=None):
         down, mid = (control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
                                        control_scales) if spec.controlnets else (None, None))
-        if spec.unet_inpaint_channels:
+        if spec.inpaint == "channels":
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
         return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid)
 
-    model_fn = (pin_timesteps(unet_fn, alphas_cumprod, inputs["model_timesteps"], spec.quantize_timesteps)
+    model_fn = (denoisers.pin_timesteps(unet_fn, alphas_cumprod, inputs["model_timesteps"], spec.quantize_timesteps)
                 if spec.pinned_timesteps else unet_fn)
 
     def one_image(per_image):
@@ -91,7 +92,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
                                                             spec.clip_skip)}
         uncond = {"encoder_hidden_states": models.encode_text(params["text_encoder"], image["uncond_ids"],
                                                               spec.clip_skip)}
-        if spec.unet_inpaint_channels:
+        if spec.inpaint == "channels":
             for side in (cond, uncond):
                 side.update(mask=image["mask"], masked_image_latents=image["masked_image_latents"])
 
@@ -107,7 +108,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
                 guidance_rescale=per_image["guidance_rescale"], prediction_type=spec.prediction_type,
                 quantize=spec.quantize_timesteps)(x, sigma)
 
-        if spec.blend_known_region:
+        if spec.inpaint == "blend":
             denoise = keep_known_region(denoise, image["image_latents"], image["mask"], noise, sigmas[0])
         if spec.start_from_image:
             x = image["image_latents"] + sigmas[0] * noise  # diffusers' add_noise, in VE scaling
@@ -121,9 +122,9 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
                 x = run_sampler(x)
         else:
             x = run_sampler(x)
-        if spec.blend_known_region:
+        if spec.inpaint == "blend":
             x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
-        latents = x if spec.ve_latents else denoisers.to_vp(x, sigmas[-1])
+        latents = x if spec.ve_latents else to_vp(x, sigmas[-1])
         decode = lambda latents: to_uint8(models.decode(params["vae"], latents))[0]
         if not spec.windowed:
             return decode(latents), latents[0]

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, PngImagePlugin
 
@@ -63,3 +64,51 @@ def load_image(path: str | os.PathLike, *, mode: str = "RGB") -> np.ndarray:
         raise InvalidArgumentError(f"image file {path} does not exist") from None
     except OSError as err:
         raise InvalidArgumentError(f"{path}: cannot read image ({err})") from err
+
+
+def as_array(image, *, mode: str = "RGB") -> np.ndarray:
+    """What users have as an array: a path or a PIL image becomes uint8 (in `mode`), an array stays as it is."""
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, mode=mode)
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert(mode))
+    return np.asarray(image)
+
+
+def image_batch(images, name: str = "image") -> np.ndarray:
+    """(N, H, W, 3) from one image or a batch: a path, a PIL image, (H, W, 3), grayscale (H, W) or (H, W, 1), or
+    (N, H, W, 3) / (N, H, W, 1). Grayscale is repeated into the three channels."""
+    array = as_array(images)
+    given = array.shape
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[-1] == 1):
+        array = array.reshape(array.shape[:2] + (1,))
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3):
+        raise InvalidArgumentError(f"{name} must be an image (H, W, 3), (H, W) grayscale, a batch (N, H, W, 3), a "
+                                   f"PIL image or a path; got an array of shape {given}")
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def _checked_float(array: np.ndarray, low: float, name: str) -> np.ndarray:
+    values = array.astype(np.float32)
+    if values.size and not (np.all(np.isfinite(values)) and low <= values.min() and values.max() <= 1.0):
+        raise InvalidArgumentError(
+            f"{name}: float values must lie in [{low:g}, 1] (found {np.nanmin(values):g} to {np.nanmax(values):g}"
+            f"{', with NaN or inf' if not np.all(np.isfinite(values)) else ''}); pass uint8 for 0-255 images")
+    return values
+
+
+def to_unit_interval(array, name: str = "image") -> np.ndarray:
+    """float32 in [0, 1]: uint8 rescaled, floats checked to be in range (masks, control images)."""
+    array = np.asarray(array)
+    return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else _checked_float(array, 0.0, name)
+
+
+def to_unit_range(images, name: str = "image"):
+    """Images as a float32 jax array in [-1, 1]: any `image_batch` input; uint8 is rescaled, floats must already be
+    in [-1, 1] (the VAE's range)."""
+    array = image_batch(images, name)
+    if array.dtype == np.uint8:
+        return jnp.asarray(array, jnp.float32) / 127.5 - 1.0
+    return jnp.asarray(_checked_float(array, -1.0, name))

@@ -18,36 +18,29 @@ import numpy as np
 from sdjax import embedded, generation, progress, schedules
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError
-from sdjax.models.clip import CLIPTextModel
-from sdjax.models.unet import UNet2DConditionModel
-from sdjax.models.vae import AutoencoderKL, scale_latents, unscale_latents
+from sdjax.images import as_array, to_unit_interval, to_unit_range
+from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
+from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
 from sdjax.tokenizer import save_tokenizer
 from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub
 
-_MODULES = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}
 _PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfigs:
-    unet: Any
-    vae: Any
-    text_encoder: Any
 
 
 class Pipeline:
     """Stable Diffusion components with pure, jit-compiled entry points.
 
-    `params` is a dict {"unet", "vae", "text_encoder"} of Flax param trees; the modules hold no state.
+    `configs` and `params` map each component of the family (`components.STABLE_DIFFUSION`) to its config and
+    its Flax param tree; the modules hold no state.
     With a `mesh` (axis "data"), generation splits the batch over its devices.
     """
 
-    def __init__(self, configs: ModelConfigs, params: dict, tokenizer, scheduler_config: dict, *,
+    def __init__(self, configs: Mapping[str, Any], params: dict, tokenizer, scheduler_config: dict, *,
                  dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None,
                  mesh: jax.sharding.Mesh | None = None, is_embedded: bool = False):
-        self.configs = configs
+        self.configs = dict(configs)
         # The embedded shapes model warns about prompt words it never learned (sdjax.embedded).
         self.is_embedded = is_embedded
         # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
@@ -58,7 +51,8 @@ class Pipeline:
         self.dtype = dtype
         self.raw_configs = raw_configs or {}
         self.attention = attention
-        self.modules = {name: build_module(name, getattr(configs, name), dtype, attention) for name in _MODULES}
+        self.modules = {name: COMPONENTS[name].build(config, dtype, attention)
+                        for name, config in self.configs.items()}
         self._text_fn = jax.jit(self._encode_tokens, static_argnames="clip_skip")
         self._encode_fn = jax.jit(self._encode_pixels)
         self._decode_fn = jax.jit(self._decode_scaled)
@@ -83,20 +77,21 @@ class Pipeline:
     def tokenize(self, prompts: Sequence[str]) -> jax.Array:
         """Token ids (N, max_length), padded and truncated as diffusers' Stable Diffusion pipelines do;
         a warning says how many tokens a too-long prompt lost."""
-        limit = self.tokenizer.model_max_length
+        limit, pad = self.tokenizer.model_max_length, self.tokenizer.pad_token_id
+        rows = []
         for i, ids in enumerate(self.tokenizer(list(prompts))["input_ids"]):
             if len(ids) > limit:
                 warnings.warn(f"prompt {i} has {len(ids)} tokens; the text encoder reads {limit}, so the last "
                               f"{len(ids) - limit} are dropped", stacklevel=3)
-        tokens = self.tokenizer(list(prompts), padding="max_length", max_length=limit, truncation=True,
-                                return_tensors="np")
-        return jnp.asarray(tokens["input_ids"], jnp.int32)
+                ids = ids[:limit - 1] + ids[-1:]  # the tokenizer's truncation: keep the end-of-text token
+            rows.append(ids + [pad] * (limit - len(ids)))
+        return jnp.asarray(rows, jnp.int32)
 
     def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
         """Scaled latents (N, h, w, C) of images (uint8 N,H,W,3 or float in [-1, 1]): the posterior mean, or a
         sample of the posterior when `key` is given."""
         pixels = to_unit_range(images)
-        factor = self.configs.vae.downscale_factor
+        factor = self.configs["vae"].downscale_factor
         if pixels.shape[1] % factor or pixels.shape[2] % factor:
             raise InvalidArgumentError(f"image size {pixels.shape[2]}x{pixels.shape[1]} must be a multiple of "
                                        f"the VAE factor {factor}")
@@ -130,7 +125,7 @@ class Pipeline:
                  width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
                  control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
                  batch_invariant: bool = False, show_progress: bool = False,
-                 _edit: "Edit | None" = None) -> "GenerationResult":
+                 edit: "Edit | None" = None) -> "GenerationResult":
         """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone (one prompt with several
         seeds gives one image per seed); `latents` (N, h, w, c) replaces that noise, unscaled, as diffusers'
         `latents` argument does.
@@ -139,27 +134,28 @@ class Pipeline:
         guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
-        `_edit` is how img2img and inpaint pass their image, mask and strength.
+        edit: start from an image, and repaint only inside a mask (`Edit`; `img2img` and `inpaint` say more).
         """
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
-        if _edit is not None:
-            pixels = to_unit_range(_edit.image)
+        if edit is not None:
+            pixels = to_unit_range(edit.image)
             height, width = pixels.shape[1:3]
-            plan = plan if _edit.strength == 1.0 else plan.for_strength(_edit.strength)
+            plan = plan if edit.strength == 1.0 else plan.for_strength(edit.strength)
+        if latents is not None and height is None and width is None:  # the size the latents are for
+            factor = self.configs["vae"].downscale_factor
+            height, width = (factor * side for side in np.shape(latents)[1:3])
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
         if self.is_embedded:
             embedded.warn_unknown_words(self.tokenizer.get_vocab(), request.prompts)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
-        if _edit is not None:
+        if edit is not None:
             images = broadcast_batch(pixels, request.count, "image")
             inputs["image_latents"] = self.encode_image(images)
-            inpaint = _edit.mask is not None
-            if inpaint:
-                inputs.update(self._mask_inputs(_edit.mask, images, request.count))
-            spec.update(start_from_image=_edit.strength < 1.0,
-                        blend_known_region=inpaint and not self.is_inpainting_model,
-                        unet_inpaint_channels=inpaint and self.is_inpainting_model)
+            if edit.mask is not None:
+                inputs.update(self._mask_inputs(edit.mask, images, request.count))
+                spec["inpaint"] = "channels" if self.is_inpainting_model else "blend"
+            spec["start_from_image"] = edit.strength < 1.0
         return self._run(request, plan, inputs, clip_skip, show_progress, control, **spec)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
@@ -168,7 +164,7 @@ class Pipeline:
         from there (strength 1 ignores the image). `image`: uint8 (N or 1, H, W, 3); the VAE posterior mean
         is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise;
         `settings` are generate's."""
-        return self.generate(prompt, negative_prompt, latents=noise, _edit=Edit(image, None, strength), **settings)
+        return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, None, strength), **settings)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 1.0,
                 noise=None, **settings) -> "GenerationResult":
@@ -177,24 +173,23 @@ class Pipeline:
         With an inpainting U-Net (9 input channels) the mask and the masked image's latents are extra U-Net
         inputs; with an ordinary U-Net the known region is held on the image's noised trajectory each step.
         `settings` are generate's."""
-        return self.generate(prompt, negative_prompt, latents=noise, _edit=Edit(image, mask, strength), **settings)
+        return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, mask, strength), **settings)
 
     @property
     def is_inpainting_model(self) -> bool:
         """True for SD inpainting U-Nets: latents + mask + masked-image latents as input channels."""
-        return self.configs.unet.in_channels == 2 * self.configs.vae.latent_channels + 1
+        return self.configs["unet"].in_channels == 2 * self.configs["vae"].latent_channels + 1
 
     def _mask_inputs(self, mask, images, count: int) -> dict:
-        mask = np.asarray(mask)
+        mask = as_array(mask, mode="L")
         mask = mask[None] if mask.ndim == 2 else mask
         if mask.ndim == 4 and mask.shape[-1] == 1:
             mask = mask[..., 0]
         if mask.ndim != 3 or mask.shape[1:] != images.shape[1:3]:
             raise InvalidArgumentError(f"mask must be (N, H, W) with the image's size {images.shape[2]}x"
                                        f"{images.shape[1]}, got shape {mask.shape}")
-        unit = mask.astype(np.float32) / 255.0 if mask.dtype == np.uint8 else mask.astype(np.float32)
-        binary = broadcast_batch((unit >= 0.5).astype(np.float32), count, "mask")
-        factor = self.configs.vae.downscale_factor
+        binary = broadcast_batch((to_unit_interval(mask, "mask") >= 0.5).astype(np.float32), count, "mask")
+        factor = self.configs["vae"].downscale_factor
         # diffusers resizes the binarised mask to latent size with nearest-neighbour sampling
         latent_mask = binary[:, ::factor, ::factor, None]
         inputs = {"mask": jnp.asarray(latent_mask)}
@@ -225,7 +220,7 @@ class Pipeline:
         return Request(prompts, negatives, [int(s) for s in seeds], height, width)
 
     def _image_size(self, height, width) -> tuple[int, int]:
-        factor = self.configs.vae.downscale_factor
+        factor = self.configs["vae"].downscale_factor
         default = self.raw_configs.get("unet", {}).get("sample_size", 64) * factor
         height, width = height or default, width or default
         for name, value in (("height", height), ("width", width)):
@@ -252,8 +247,8 @@ class Pipeline:
         return inputs
 
     def _latent_shape(self, request: "Request") -> tuple[int, int, int]:
-        factor = self.configs.vae.downscale_factor
-        return request.height // factor, request.width // factor, self.configs.vae.latent_channels
+        factor = self.configs["vae"].downscale_factor
+        return request.height // factor, request.width // factor, self.configs["vae"].latent_channels
 
     def _control_inputs(self, controls, request: "Request") -> tuple[dict, tuple, dict]:
         """(inputs, ControlNet modules, params) for the Control list of a call."""
@@ -357,9 +352,9 @@ class Pipeline:
         """Write a diffusers-layout folder that diffusers (torch) and `load_pipeline` both load."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in _MODULES:
-            diffusers_folder.write_component(folder, name, getattr(self.configs, name), self.raw_configs.get(name),
-                                             self.params[name], dtype=dtype)
+        for name, config in self.configs.items():
+            diffusers_folder.write_component(folder, name, config, self.raw_configs.get(name), self.params[name],
+                                             dtype=dtype)
         save_tokenizer(self.tokenizer, folder / "tokenizer")
         scheduler_dir = folder / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
@@ -375,11 +370,11 @@ class Pipeline:
         vae = self.modules["vae"]
         posterior = vae.apply({"params": params}, pixels.astype(self.dtype), method=vae.encode)
         latents = posterior.mean if key is None else posterior.sample(key)
-        return scale_latents(latents, self.configs.vae)
+        return scale_latents(latents, self.configs["vae"])
 
     def _decode_scaled(self, params, latents):
         vae = self.modules["vae"]
-        return vae.apply({"params": params}, unscale_latents(latents, self.configs.vae), method=vae.decode)
+        return vae.apply({"params": params}, unscale_latents(latents, self.configs["vae"]), method=vae.decode)
 
     def _unet_apply(self, params, latents, timesteps, embeddings, down_residuals=None, mid_residual=None):
         return self.modules["unet"].apply({"params": params}, latents.astype(self.dtype), timesteps,
@@ -388,10 +383,11 @@ class Pipeline:
 
 @dataclasses.dataclass(frozen=True)
 class Edit:
-    """What img2img and inpaint add to a generation: the starting image, an optional mask, the strength."""
+    """What img2img and inpaint add to a generation: the starting image (uint8 (N or 1, H, W, 3), or float in
+    [-1, 1]), an optional mask (repaint where white) and the strength (the fraction of the schedule run)."""
     image: Any
-    mask: Any
-    strength: float  # checked by SamplingPlan.for_strength
+    mask: Any = None
+    strength: float = 1.0  # checked by SamplingPlan.for_strength
 
 
 @dataclasses.dataclass(frozen=True)
@@ -432,40 +428,6 @@ def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def build_module(name: str, config, dtype, attention: str):
-    """The Flax module of component `name` for `config`, computing in `dtype`."""
-    return _MODULES[name](config=config, dtype=dtype, param_dtype=dtype, attention_implementation=attention)
-
-
-def expected_params(name: str, config) -> Any:
-    """Shapes of the params of component `name` (no memory allocated)."""
-    module = build_module(name, config, jnp.float32, "einsum")
-    return jax.eval_shape(module.init, jax.random.key(0), *example_inputs(name, config))["params"]
-
-
-def example_inputs(name: str, config) -> tuple:
-    """The smallest inputs that trace component `name` (only their shapes matter, for init)."""
-    if name == "text_encoder":
-        return (jax.ShapeDtypeStruct((1, config.max_position_embeddings), jnp.int32),)
-    if name == "vae":
-        side = config.downscale_factor
-        return (jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32),)
-    side = 2 ** (len(config.block_out_channels) - 1)
-    return (jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.int32),
-            jax.ShapeDtypeStruct((1, 1, config.cross_attention_dim), jnp.float32))
-
-
-def to_unit_range(images) -> jax.Array:
-    """Images as float32 in [-1, 1]: uint8 inputs are rescaled, float inputs are taken as already in range."""
-    array = np.asarray(images)
-    if array.ndim != 4 or array.shape[-1] != 3:
-        raise InvalidArgumentError(f"images must be (N, H, W, 3), got shape {array.shape}")
-    if array.dtype == np.uint8:
-        return jnp.asarray(array, jnp.float32) / 127.5 - 1.0
-    return jnp.asarray(array, jnp.float32)
-
-
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
                   variant: str | None = None, attention: str = "einsum") -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
@@ -483,14 +445,13 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     from transformers import CLIPTokenizer
 
     loaded, raw, params = {}, {}, {}
-    for name in _MODULES:
-        loaded[name], raw[name] = diffusers_folder.read_config(folder, name)
-        params[name] = diffusers_folder.load_params(folder, name, expected_params(name, loaded[name]),
-                                                    dtype=dtype, variant=variant)
+    for name in STABLE_DIFFUSION:
+        loaded[name], raw[name] = diffusers_folder.read_config(folder / name, name)
+        params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     mesh = None if devices is None else jax.sharding.Mesh(np.asarray(devices), ("data",))
-    return Pipeline(ModelConfigs(**loaded), params, tokenizer, scheduler_config, dtype=dtype,
+    return Pipeline(loaded, params, tokenizer, scheduler_config, dtype=dtype,
                     attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL)
 
 

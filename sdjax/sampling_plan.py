@@ -21,14 +21,15 @@ DEFAULT_SCHEDULE = "normal"
 
 @dataclasses.dataclass(frozen=True)
 class SamplingPlan:
-    """sampler: a name in SAMPLERS; options: its keyword options; sigmas: the grid, descending (usually to 0).
+    """sampler: a registered sampler name (public, or internal where a scheduler-config plan needs one);
+    options: its keyword options; sigmas: the grid, descending (usually to 0).
 
     init_noise_sigma: how much the unit-variance starting noise is scaled by (diffusers' `init_noise_sigma`
     in VE scaling; k-diffusion uses sigmas[0]). quantize_timesteps: the U-Net sees the nearest training
     timestep instead of the interpolated one (diffusers' solvers on Karras grids round their timesteps).
     model_timesteps: None, or rows (sigma, t) pinning the timestep t the U-Net is given at each noise level the
     sampler evaluates, where neither interpolation nor rounding gives diffusers' (its linear-in-sigma spacing,
-    truncated timesteps); `sdjax.scheduler_config.pin_timesteps` applies them.
+    truncated timesteps); `sdjax.denoisers.pin_timesteps` applies them.
     ve_latents: the final x goes to the VAE as it is instead of as x / sqrt(1 + sigmas[-1]^2) (diffusers'
     Euler-family schedulers do this; it differs only for grids ending above 0).
     """
@@ -42,7 +43,7 @@ class SamplingPlan:
     ve_latents: bool = False
 
     def __post_init__(self):
-        get_sampler(self.sampler)  # fail early on an unknown name
+        get_sampler(self.sampler)  # fail early on an unknown name (internal names are valid in a plan)
 
     @property
     def steps(self) -> int:
@@ -80,7 +81,7 @@ def plan_from_names(sampler: str | None, schedule: str | None, steps: int, alpha
         raise InvalidArgumentError(f"steps must be a positive integer, got {steps!r}")
     sampler = sampler or DEFAULT_SAMPLER
     schedule = schedule or DEFAULT_SCHEDULE
-    get_sampler(sampler)
+    get_sampler(sampler, public_only=True)   # a user's name: the public zoo only
     build = schedules.get_schedule(schedule)
     sigmas = np.asarray(build(steps, schedules.sigma_table(alphas_cumprod)), np.float64)
     return SamplingPlan(sampler, sigmas, tuple(sorted((options or {}).items())), schedule=schedule)

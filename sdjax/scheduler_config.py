@@ -12,7 +12,7 @@ rule, four things must agree with diffusers, and each class differs in them:
     sqrt(sigma_max^2 + 1) with timestep_spacing="leading";
   * the timestep the U-Net sees at each evaluated sigma: the log-sigma interpolation of the denoiser, the
     nearest table entry (`quantize_timesteps`) or, where diffusers uses neither, pinned values
-    (`model_timesteps`, applied by `pin_timesteps`);
+    (`model_timesteps`, applied by `denoisers.pin_timesteps`);
   * the final latents: the Euler family hands its VE sample to the VAE unconverted (`ve_latents`).
 
 Settings that no sdjax sampler reproduces (clipping, thresholding, flow-matching sigmas, ...) raise a
@@ -31,12 +31,11 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Mapping
 
-import jax.numpy as jnp
 import numpy as np
 
 from sdjax import schedules
-from sdjax.denoisers import sigma_to_t
 from sdjax.errors import ConfigError
+from sdjax.parameterization import sigma_to_t
 from sdjax.sampling_plan import SamplingPlan
 
 # A diffusers timestep closer than this (in timesteps) to what the denoiser derives from sigma counts as the
@@ -143,10 +142,15 @@ def _check_common(config: Mapping):
 
 # ------------------------------------------------------------------------------------------ grids
 
+def _options(options: Mapping) -> tuple:
+    """A plan's options: sorted (name, value) pairs, hashable."""
+    return tuple(sorted(options.items()))
+
+
 def _log_timesteps(sigmas, table) -> np.ndarray:
     """The fractional timestep of each sigma, linear in log sigma between table entries (diffusers'
-    `_sigma_to_t`, and the denoiser's own mapping)."""
-    return np.interp(np.log(sigmas), np.log(table), np.arange(table.size, dtype=np.float64))
+    `_sigma_to_t`, and the denoiser's own mapping, evaluated on the host in float64)."""
+    return sigma_to_t(np.asarray(sigmas, np.float64), np.log(table), xp=np)
 
 
 def _spacing(config, steps, *, integer, drop_final_point=False) -> np.ndarray:
@@ -248,18 +252,9 @@ def _kdpm2_midpoints(sigmas, ancestral):
     return sigmas[1:].copy() if ancestral else np.sqrt(sigmas[:-1] * sigmas[1:])
 
 
-_EULER_FAMILY_SAMPLERS = {
-    "LMSDiscreteScheduler": "lms",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun",
-    "KDPM2DiscreteScheduler": "dpm_2",
-    "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-}
-
-
-def _euler_family_plan(config, steps, table) -> SamplingPlan:
+def _euler_family_plan(config, steps, table, rule) -> SamplingPlan:
     name = config["_class_name"]
+    sampler, options = rule(config, steps)
     if name == "EulerDiscreteScheduler":
         _require(config, "interpolation_type", ("linear", "log_linear"))
         _require(config, "final_sigmas_type", ("zero", "sigma_min"))
@@ -279,7 +274,7 @@ def _euler_family_plan(config, steps, table) -> SamplingPlan:
     quantize, pinned = _model_timestep_mapping(name, evaluated, seen, table)
     sigma_max = float(np.max(sigmas))
     leading = config["timestep_spacing"] == "leading"
-    return SamplingPlan(_EULER_FAMILY_SAMPLERS[name], np.append(sigmas, final),
+    return SamplingPlan(sampler, np.append(sigmas, final), _options(options),
                         init_noise_sigma=math.sqrt(sigma_max**2 + 1) if leading else sigma_max,
                         quantize_timesteps=quantize, model_timesteps=pinned, ve_latents=final > 0)
 
@@ -302,36 +297,31 @@ def _final_alpha_sigma(config, table) -> float:
     return 0.0 if config["set_alpha_to_one"] else float(table[0])
 
 
-def _ddim_plan(config, steps, table) -> SamplingPlan:
+def _ddim_plan(config, steps, table, rule) -> SamplingPlan:
+    """The rule's sampler (ddim) where the timesteps are num_train_timesteps // steps apart, else
+    ddim_fixed_stride: diffusers steps every t to t - num_train_timesteps // steps, whatever the next t is."""
+    sampler, options = rule(config, steps)
     timesteps = _spacing(config, steps, integer=True)
     sigmas = table[timesteps.astype(np.int64)]
     targets = _fixed_stride_targets(config, timesteps, table, _final_alpha_sigma(config, table))
     grid = np.append(sigmas, targets[-1])
     if np.array_equal(targets, grid[1:]):
-        return SamplingPlan("ddim", grid, init_noise_sigma=_vp_start(grid))
-    return SamplingPlan("ddim_fixed_stride", grid, (("targets", tuple(targets.tolist())),),
+        return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid))
+    return SamplingPlan("ddim_fixed_stride", grid, _options(dict(options, targets=tuple(targets.tolist()))),
                         init_noise_sigma=_vp_start(grid))
 
 
-def _ddpm_plan(config, steps, table) -> SamplingPlan:
-    # Posterior noise with the "fixed small" variance (its _log variant is the same number); the step from
-    # the last timestep goes to alpha_bar = 1.
-    _require(config, "variance_type", ("fixed_small", "fixed_small_log"))
+def _ddpm_plan(config, steps, table, rule) -> SamplingPlan:
+    # The step from the last timestep goes to alpha_bar = 1.
+    sampler, options = rule(config, steps)
     timesteps = _spacing(config, steps, integer=True)
     grid = np.append(table[timesteps.astype(np.int64)], 0.0)
-    return SamplingPlan("ddpm", grid, init_noise_sigma=_vp_start(grid))
+    return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid))
 
 
-def _pndm_plan(config, steps, table) -> SamplingPlan:
+def _pndm_plan(config, steps, table, rule) -> SamplingPlan:
     name = config["_class_name"]
-    if not config["skip_prk_steps"]:
-        raise ConfigError(f"{name}: skip_prk_steps=False (the Runge-Kutta warm-up of the original PNDM) is not "
-                          f"supported; supported: True (PLMS with a Heun first step, Stable Diffusion's setting)")
-    if config["prediction_type"] == "v_prediction":
-        raise ConfigError(f"{name}: prediction_type='v_prediction' is not supported: diffusers' PNDM combines "
-                          f"the raw v outputs of past steps and converts the sum to a noise prediction at the "
-                          f"current step, a different method from PLMS on the noise predictions that sdjax's "
-                          f"pndm runs; supported: 'epsilon' (for v models use DDIMScheduler or another class)")
+    sampler, options = rule(config, steps)
     timesteps = _spacing(config, steps, integer=True)
     grid = np.append(table[timesteps.astype(np.int64)], _final_alpha_sigma(config, table))
     targets = _fixed_stride_targets(config, timesteps, table, grid[-1])
@@ -341,7 +331,7 @@ def _pndm_plan(config, steps, table) -> SamplingPlan:
             f"unevenly while PNDM always steps by num_train_timesteps // steps; supported: timestep_spacing="
             f"'leading' with steps_offset < num_train_timesteps // steps, or a step count dividing "
             f"num_train_timesteps (trailing)")
-    return SamplingPlan("pndm", grid, init_noise_sigma=_vp_start(grid))
+    return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid))
 
 
 # ------------------------------------------------------------------------------------------ DPM-Solver, UniPC, DEIS
@@ -381,6 +371,91 @@ def _solver_final(config, table) -> float | None:
 def _lower_order_final_below_15(config, steps) -> bool:
     """DPM-Solver multistep and DEIS lower the order of their last steps only below 15 steps."""
     return bool(config["lower_order_final"]) and steps < 15
+
+
+def _drop_repeated_final(config, steps, sampler, options):
+    """diffusers ends some grids with a zero-length step (DEIS's alternative grids always; the others' when
+    the final sigma equals the grid's last): for DPM-Solver multistep and DEIS one evaluation and no change.
+    sdjax drops it, which leaves the run one step shorter, so the orders that diffusers' lower_order_final
+    gives the real last step must be restated: below 15 steps it caps them at 2, which order 3 cannot say."""
+    name = config["_class_name"]
+    what = f"{_grid_kind(config) or 'timestep_spacing'} ending on the final sigma (a zero-length final step"
+    if sampler in ("unipc", "dpmpp_singlestep"):
+        raise ConfigError(f"{name}: {what}, which still acts there) is not supported; supported: "
+                          f"final_sigmas_type='zero'")
+    if config["solver_order"] == 3 and _lower_order_final_below_15(config, steps):
+        raise ConfigError(f"{name}: solver_order=3, lower_order_final=True below 15 steps with {what}, whose "
+                          f"order it lowers) is not supported; supported: solver_order <= 2, "
+                          f"lower_order_final=False or steps >= 15")
+    options = dict(options, lower_order_final=False)
+    if "euler_at_final" in options:   # it applied to the dropped step
+        options["euler_at_final"] = False
+    return options
+
+
+def _solver_plan(config, steps, table, rule) -> SamplingPlan:
+    name = config["_class_name"]
+    own = CLASS_DEFAULTS[name]
+    if "lambda_min_clipped" in own and config["lambda_min_clipped"] != -math.inf:
+        raise ConfigError(f"{name}: lambda_min_clipped={config['lambda_min_clipped']!r} is not supported; "
+                          f"supported: -inf (no clipping)")
+    if "variance_type" in own and config["variance_type"] is not None:
+        raise ConfigError(f"{name}: variance_type={config['variance_type']!r} (learned variance) is not "
+                          f"supported; supported: None")
+    sampler, options = rule(config, steps)
+    final = _solver_final(config, table)
+    sigmas, timesteps = _solver_grid(config, steps, table)
+    if final is None or (final > 0 and math.isclose(final, sigmas[-1], rel_tol=1e-9)):
+        options = _drop_repeated_final(config, steps, sampler, options)
+        grid, timesteps = sigmas, timesteps[:-1]
+    else:
+        grid = np.append(sigmas, final)
+    quantize, pinned = _model_timestep_mapping(name, grid[:-1], timesteps, table)
+    return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid),
+                        quantize_timesteps=quantize, model_timesteps=pinned)
+
+
+# ------------------------------------------------------------------------------------------ class -> sampler
+#
+# Which sdjax sampler, with which options, reproduces each diffusers scheduler class: SCHEDULER_CLASSES below is
+# the one statement of this mapping (docs/samplers.md tabulates it for users). Every sampler runs on the
+# scheduler's own sigma grid in VE scaling; the prediction type is the denoiser's business, not the sampler's.
+#   * LMS, Euler, Euler a, Heun, KDPM2, KDPM2 a: k-diffusion's sampler of the same method, with its defaults.
+#   * DDIM: ddim (eta 0); where the timesteps are not num_train_timesteps // steps apart, the internal
+#     ddim_fixed_stride (`_ddim_plan`). DDPM: ddpm. PNDM(skip_prk_steps=True): pndm, PLMS with a Heun first
+#     step, exact only for evenly spaced timesteps (diffusers always steps by num_train_timesteps // steps).
+#   * DPMSolverMultistep (dpmsolver++): order 1 euler, 2 dpmpp_2m, 3 dpmpp_3m_sde(eta=0); sde-dpmsolver++: order
+#     1 euler_ancestral, 2 dpmpp_2m_sde(eta=1), with noise from the key, not torch's generator. solver_type and
+#     euler_at_final pass through; lower_order_final applies below 15 steps only, as in diffusers. The step
+#     into sigma = 0 is always first order, so final_sigmas_type="zero" needs no option.
+#   * DPMSolverSinglestep: the internal dpmpp_singlestep (groups of 1, 2, 3 grid steps).
+#   * UniPC (predict_x0, no solver_p): unipc, solver_type as its variant, lower_order_final without the 15-step
+#     rule. DEIS: deis, lower_order_final below 15 steps.
+#   * Grids that end on a repeated sigma (a zero-length final step) lose that step, with options restated by
+#     `_drop_repeated_final`.
+
+def _always(sampler: str) -> Callable:
+    """The rule of a class that always runs `sampler` with its default options."""
+    return lambda config, steps: (sampler, {})
+
+
+def _ddpm_sampler(config, steps):
+    # Posterior noise with the "fixed small" variance (its _log variant is the same number).
+    _require(config, "variance_type", ("fixed_small", "fixed_small_log"))
+    return "ddpm", {}
+
+
+def _pndm_sampler(config, steps):
+    name = config["_class_name"]
+    if not config["skip_prk_steps"]:
+        raise ConfigError(f"{name}: skip_prk_steps=False (the Runge-Kutta warm-up of the original PNDM) is not "
+                          f"supported; supported: True (PLMS with a Heun first step, Stable Diffusion's setting)")
+    if config["prediction_type"] == "v_prediction":
+        raise ConfigError(f"{name}: prediction_type='v_prediction' is not supported: diffusers' PNDM combines "
+                          f"the raw v outputs of past steps and converts the sum to a noise prediction at the "
+                          f"current step, a different method from PLMS on the noise predictions that sdjax's "
+                          f"pndm runs; supported: 'epsilon' (for v models use DDIMScheduler or another class)")
+    return "pndm", {}
 
 
 def _dpm_multistep_sampler(config, steps):
@@ -438,66 +513,25 @@ def _deis_sampler(config, steps):
     return "deis", dict(order=order, lower_order_final=_lower_order_final_below_15(config, steps))
 
 
-def _drop_repeated_final(config, steps, sampler, options):
-    """diffusers ends some grids with a zero-length step (DEIS's alternative grids always; the others' when
-    the final sigma equals the grid's last): for DPM-Solver multistep and DEIS one evaluation and no change.
-    sdjax drops it, which leaves the run one step shorter, so the orders that diffusers' lower_order_final
-    gives the real last step must be restated: below 15 steps it caps them at 2, which order 3 cannot say."""
-    name = config["_class_name"]
-    what = f"{_grid_kind(config) or 'timestep_spacing'} ending on the final sigma (a zero-length final step"
-    if sampler in ("unipc", "dpmpp_singlestep"):
-        raise ConfigError(f"{name}: {what}, which still acts there) is not supported; supported: "
-                          f"final_sigmas_type='zero'")
-    if config["solver_order"] == 3 and _lower_order_final_below_15(config, steps):
-        raise ConfigError(f"{name}: solver_order=3, lower_order_final=True below 15 steps with {what}, whose "
-                          f"order it lowers) is not supported; supported: solver_order <= 2, "
-                          f"lower_order_final=False or steps >= 15")
-    options = dict(options, lower_order_final=False)
-    if "euler_at_final" in options:   # it applied to the dropped step
-        options["euler_at_final"] = False
-    return options
-
-
-_SOLVER_SAMPLERS: dict[str, Callable] = {
-    "DPMSolverMultistepScheduler": _dpm_multistep_sampler,
-    "DPMSolverSinglestepScheduler": _dpm_singlestep_sampler,
-    "UniPCMultistepScheduler": _unipc_sampler,
-    "DEISMultistepScheduler": _deis_sampler,
+SCHEDULER_CLASSES: dict[str, tuple[Callable, Callable]] = {
+    # class: (planner(config, steps, table, rule) -> SamplingPlan, rule(config, steps) -> (sampler, options))
+    "LMSDiscreteScheduler": (_euler_family_plan, _always("lms")),
+    "EulerDiscreteScheduler": (_euler_family_plan, _always("euler")),
+    "EulerAncestralDiscreteScheduler": (_euler_family_plan, _always("euler_ancestral")),
+    "HeunDiscreteScheduler": (_euler_family_plan, _always("heun")),
+    "KDPM2DiscreteScheduler": (_euler_family_plan, _always("dpm_2")),
+    "KDPM2AncestralDiscreteScheduler": (_euler_family_plan, _always("dpm_2_ancestral")),
+    "DDIMScheduler": (_ddim_plan, _always("ddim")),          # or ddim_fixed_stride: see _ddim_plan
+    "DDPMScheduler": (_ddpm_plan, _ddpm_sampler),
+    "PNDMScheduler": (_pndm_plan, _pndm_sampler),
+    "DPMSolverMultistepScheduler": (_solver_plan, _dpm_multistep_sampler),
+    "DPMSolverSinglestepScheduler": (_solver_plan, _dpm_singlestep_sampler),
+    "UniPCMultistepScheduler": (_solver_plan, _unipc_sampler),
+    "DEISMultistepScheduler": (_solver_plan, _deis_sampler),
 }
-
-
-def _solver_plan(config, steps, table) -> SamplingPlan:
-    name = config["_class_name"]
-    own = CLASS_DEFAULTS[name]
-    if "lambda_min_clipped" in own and config["lambda_min_clipped"] != -math.inf:
-        raise ConfigError(f"{name}: lambda_min_clipped={config['lambda_min_clipped']!r} is not supported; "
-                          f"supported: -inf (no clipping)")
-    if "variance_type" in own and config["variance_type"] is not None:
-        raise ConfigError(f"{name}: variance_type={config['variance_type']!r} (learned variance) is not "
-                          f"supported; supported: None")
-    sampler, options = _SOLVER_SAMPLERS[name](config, steps)
-    final = _solver_final(config, table)
-    sigmas, timesteps = _solver_grid(config, steps, table)
-    if final is None or (final > 0 and math.isclose(final, sigmas[-1], rel_tol=1e-9)):
-        options = _drop_repeated_final(config, steps, sampler, options)
-        grid, timesteps = sigmas, timesteps[:-1]
-    else:
-        grid = np.append(sigmas, final)
-    quantize, pinned = _model_timestep_mapping(name, grid[:-1], timesteps, table)
-    return SamplingPlan(sampler, grid, tuple(sorted(options.items())), init_noise_sigma=_vp_start(grid),
-                        quantize_timesteps=quantize, model_timesteps=pinned)
 
 
 # ------------------------------------------------------------------------------------------ entry points
-
-_PLANNERS: dict[str, Callable] = {
-    **{name: _euler_family_plan for name in _EULER_FAMILY_SAMPLERS},
-    "DDIMScheduler": _ddim_plan,
-    "DDPMScheduler": _ddpm_plan,
-    "PNDMScheduler": _pndm_plan,
-    **{name: _solver_plan for name in _SOLVER_SAMPLERS},
-}
-
 
 def plan_from_scheduler_config(config: Mapping, steps: int, alphas_cumprod: np.ndarray) -> SamplingPlan:
     """The SamplingPlan that reproduces the diffusers scheduler `config` (scheduler_config.json as a dict) at
@@ -512,23 +546,5 @@ def plan_from_scheduler_config(config: Mapping, steps: int, alphas_cumprod: np.n
     if table.size != resolved["num_train_timesteps"]:
         raise ConfigError(f"{resolved['_class_name']}: num_train_timesteps={resolved['num_train_timesteps']} but "
                           f"alphas_cumprod has {table.size} entries; pass the config's own schedule")
-    return _PLANNERS[resolved["_class_name"]](resolved, int(steps), table)
-
-
-def pin_timesteps(model_fn, alphas_cumprod, model_timesteps, quantize: bool = False):
-    """model_fn(x_vp, t, **cond) that is given the pinned timestep of `model_timesteps` (a plan's (sigma, t)
-    rows; may be a traced array) instead of the t the denoiser derived from sigma.
-
-    The denoiser's t is mapped back through the same `sigma_to_t` (same table, dtype and quantize flag as
-    `discrete_denoiser` uses), so at a pinned sigma the lookup lands exactly on its row; between rows t is
-    interpolated linearly.
-    """
-    table = schedules.sigma_table(alphas_cumprod)
-
-    def pinned(x_vp, t, **cond):
-        rows = jnp.asarray(model_timesteps, x_vp.dtype)
-        log_sigmas = jnp.log(jnp.asarray(table, x_vp.dtype))
-        derived = sigma_to_t(rows[:, 0], log_sigmas, quantize)
-        return model_fn(x_vp, jnp.interp(t, derived, rows[:, 1]), **cond)
-
-    return pinned
+    planner, rule = SCHEDULER_CLASSES[resolved["_class_name"]]
+    return planner(resolved, int(steps), table, rule)

@@ -22,14 +22,13 @@ range builders when both ends are given and for `vp`.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import math
 from collections.abc import Mapping
 
 import numpy as np
 
-from sdjax.errors import ConfigError, InvalidArgumentError
+from sdjax.errors import ConfigError, InvalidArgumentError, did_you_mean
 
 # diffusers' EulerDiscreteScheduler floors a zero terminal alpha-bar to this (the smallest positive fp16
 # subnormal) so that the largest sigma stays finite (about 4096) under zero-terminal-SNR rescaling.
@@ -436,7 +435,5 @@ def get_schedule(name: str):
     try:
         return SCHEDULES[name]
     except (KeyError, TypeError):
-        close = difflib.get_close_matches(str(name), SCHEDULES, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise InvalidArgumentError(
-            f"unknown schedule {name!r}.{hint} Valid names: {', '.join(sorted(SCHEDULES))}") from None
+        raise InvalidArgumentError(f"unknown schedule {name!r}.{did_you_mean(name, SCHEDULES)} Valid names: "
+                                   f"{', '.join(sorted(SCHEDULES))}") from None

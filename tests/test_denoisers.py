@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from sdjax import denoisers as D
+from sdjax import parameterization as P
 from sdjax import schedules as S
 from sdjax.errors import InvalidArgumentError
 from tests import kdiffusion_ref
@@ -64,7 +65,7 @@ def test_sigma_to_t_matches_diffusers_in_float64():
     sigmas = np.concatenate([SIGMAS, S.karras(30, TABLE[0], TABLE[-1])[:-1], np.geomspace(1e-3, 100, 50)])
     reference = scheduler._sigma_to_t(sigmas, log_sigmas)
     with jax.enable_x64(True):
-        ours = np.asarray(D.sigma_to_t(jnp.asarray(sigmas), jnp.asarray(log_sigmas)))
+        ours = np.asarray(P.sigma_to_t(jnp.asarray(sigmas), jnp.asarray(log_sigmas)))
     assert ours.dtype == np.float64
     np.testing.assert_allclose(ours, reference, rtol=1e-6, atol=1e-9)
 
@@ -94,7 +95,7 @@ def test_quantized_sigma_to_t_matches_kdiffusion():
     sigmas = np.concatenate([SIGMAS, np.geomspace(0.02, 20, 200)])
     reference = schedule.sigma_to_t(torch.from_numpy(sigmas)).numpy()
     with jax.enable_x64(True):
-        ours = np.asarray(D.sigma_to_t(jnp.asarray(sigmas), jnp.log(jnp.asarray(TABLE)), quantize=True))
+        ours = np.asarray(P.sigma_to_t(jnp.asarray(sigmas), jnp.log(jnp.asarray(TABLE)), quantize=True))
     np.testing.assert_array_equal(ours, reference)
 
 
@@ -117,7 +118,7 @@ def test_discrete_denoiser_matches_kdiffusion_in_float64(prediction_type, wrappe
     assert max_rel(scalar, reference_scalar.numpy()) <= 1e-6
 
 
-@pytest.mark.parametrize("prediction_type", list(D.X0_FROM_PREDICTION))
+@pytest.mark.parametrize("prediction_type", list(P.PARAMETERIZATIONS))
 @pytest.mark.parametrize("spacing,karras", [("leading", False), ("trailing", False), ("linspace", True)])
 def test_discrete_denoiser_matches_diffusers_euler_in_float32(prediction_type, spacing, karras):
     """Model input (scale_model_input), timestep and x0 (step's pred_original_sample) at every step."""
@@ -156,13 +157,13 @@ def test_vp_helpers_invert_the_kdiffusion_table():
     alpha_bar = diffusers.DDIMScheduler(**SD).alphas_cumprod.double()
     sigma = ((1 - alpha_bar) / alpha_bar) ** 0.5  # k-diffusion's DiscreteSchedule table
     with jax.enable_x64(True):
-        np.testing.assert_allclose(D.alpha_bar_from_sigma(jnp.asarray(sigma.numpy())), alpha_bar.numpy(),
+        np.testing.assert_allclose(P.alpha_bar_from_sigma(jnp.asarray(sigma.numpy())), alpha_bar.numpy(),
                                    rtol=1e-12)
-        np.testing.assert_allclose(D.sigma_from_alpha_bar(jnp.asarray(alpha_bar.numpy())), sigma.numpy(),
+        np.testing.assert_allclose(P.sigma_from_alpha_bar(jnp.asarray(alpha_bar.numpy())), sigma.numpy(),
                                    rtol=1e-12)
         x = jnp.asarray(sample_x(np.float64)[:3])
         sigma_b = jnp.asarray([0.1, 2.0, 14.0])
-        np.testing.assert_allclose(D.from_vp(D.to_vp(x, sigma_b), sigma_b), x, rtol=1e-12)
+        np.testing.assert_allclose(P.from_vp(P.to_vp(x, sigma_b), sigma_b), x, rtol=1e-12)
 
 
 # ------------------------------------------------------------------------------ classifier-free guidance
@@ -255,8 +256,8 @@ def test_guidance_runs_in_the_sampler_dtype_for_a_bfloat16_model():
     ours = D.cfg_denoiser(bf16_model, ALPHA_BAR, {"context": cond}, {"context": uncond}, 7.5)(x, 2.0)
     assert ours.dtype == jnp.float32
     # Reference: the bfloat16 outputs upcast first, then guided and converted in float32.
-    t = jnp.full((3,), float(D.sigma_to_t(2.0, jnp.log(jnp.asarray(TABLE, jnp.float32)))))
-    x_vp = D.to_vp(x, 2.0)
+    t = jnp.full((3,), float(P.sigma_to_t(2.0, jnp.log(jnp.asarray(TABLE, jnp.float32)))))
+    x_vp = P.to_vp(x, 2.0)
     out_uncond, out_cond = (bf16_model(x_vp, t, c).astype(jnp.float32) for c in (uncond, cond))
-    expected = D.x0_from_epsilon(x, 2.0, out_uncond + 7.5 * (out_cond - out_uncond))
+    expected = P.parameterization("epsilon").denoised(x, 2.0, out_uncond + 7.5 * (out_cond - out_uncond))
     np.testing.assert_allclose(ours, expected, rtol=1e-6, atol=1e-6)

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from PIL import Image
 from transformers import CLIPTokenizer
 
 import sdjax
@@ -22,11 +23,26 @@ def pipeline():
 
 
 def test_load_pipeline_without_a_model_loads_the_embedded_one(pipeline):
-    assert pipeline.is_embedded and pipeline.configs.vae.latent_channels == 4
+    assert pipeline.is_embedded and pipeline.configs["vae"].latent_channels == 4
     result = pipeline.generate("a red circle on a blue background", steps=4)
     assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
     assert result.settings["sampler"] == "dpmpp_2m"  # the folder's DPMSolverMultistep (Karras) config
     assert pipeline.generate("a red circle", steps=2, seeds=[3, 4, 5]).images.shape == (3, 64, 64, 3)
+
+
+def test_img2img_takes_one_image_as_a_path_a_pil_image_or_an_array(pipeline, tmp_path):
+    start = pipeline.generate("a red circle on a blue background", steps=2).images[0]
+    Image.fromarray(start).save(tmp_path / "start.png")
+    settings = dict(strength=0.5, steps=2, seed=1)
+    batch = pipeline.img2img(start[None], "a green square", **settings).images
+    for image in (start, Image.fromarray(start), tmp_path / "start.png"):
+        np.testing.assert_array_equal(pipeline.img2img(image, "a green square", **settings).images, batch)
+
+
+def test_latents_alone_decide_the_image_size(pipeline):
+    latents = np.random.default_rng(0).normal(size=(1, 8, 4, 4)).astype(np.float32)
+    factor = pipeline.configs["vae"].downscale_factor
+    assert pipeline.generate("a red circle", steps=2, latents=latents).images.shape == (1, 8 * factor, 4 * factor, 3)
 
 
 def test_the_progress_bar_changes_nothing_but_the_output_on_stderr(pipeline, capsys):
@@ -69,13 +85,13 @@ def test_diffusers_draws_the_same_image_from_the_same_latents(pipeline):
 
 
 def test_it_draws_what_held_out_prompts_ask_for(pipeline):
-    # A floor under today's model (20% of 200 held-out prompts have all five attributes right at guidance 3;
+    # A floor under today's model (32% of 200 held-out prompts have all five attributes right at guidance 3;
     # the target is 90%), and well above chance for the two easiest attributes.
     pairs = held_out_prompts(48, seed=2024)
     setting = evaluate.Setting("dpmpp_2m", 20, 3.0)
     images = evaluate.generate(pipeline, [p for p, _ in pairs], setting, seed=0, batch=48)
     scores = evaluate.adherence(images, [s for _, s in pairs])
-    assert scores["all"] >= 0.08 and scores["background"] >= 0.7 and scores["position"] >= 0.7, scores
+    assert scores["all"] >= 0.15 and scores["background"] >= 0.85 and scores["position"] >= 0.8, scores
 
 
 def test_a_prompt_outside_its_world_still_gives_an_image_and_one_warning(pipeline):

@@ -38,3 +38,25 @@ def test_load_image_errors_name_the_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(InvalidArgumentError, match="bad.png: cannot read image"):
         images.load_image(tmp_path / "bad.png")
+
+
+def test_an_image_is_taken_in_any_form_a_user_has(tmp_path):
+    picture = np.random.default_rng(1).integers(0, 256, (8, 12, 3), dtype=np.uint8)
+    Image.fromarray(picture).save(tmp_path / "picture.png")
+    for given in (picture, picture[None], Image.fromarray(picture), tmp_path / "picture.png",
+                  str(tmp_path / "picture.png"), images.load_image(tmp_path / "picture.png")):
+        np.testing.assert_array_equal(images.image_batch(given), picture[None])
+    gray = picture[..., 0]
+    for given in (gray, gray[..., None], gray[None, ..., None]):
+        np.testing.assert_array_equal(images.image_batch(given), np.repeat(gray[None, ..., None], 3, axis=-1))
+    with pytest.raises(InvalidArgumentError, match=r"image must be an image \(H, W, 3\).*shape \(8, 12, 5\)"):
+        images.image_batch(np.zeros((8, 12, 5)))
+
+
+def test_float_images_out_of_range_are_refused_not_clipped():
+    np.testing.assert_allclose(images.to_unit_range(np.full((4, 4, 3), 255, np.uint8)), 1.0)
+    np.testing.assert_allclose(images.to_unit_range(np.full((4, 4, 3), -0.5, np.float32)), -0.5)
+    with pytest.raises(InvalidArgumentError, match=r"image: float values must lie in \[-1, 1\] \(found 0 to 255\)"):
+        images.to_unit_range(np.linspace(0, 255, 48).reshape(4, 4, 3))
+    with pytest.raises(InvalidArgumentError, match=r"mask: float values must lie in \[0, 1\].*NaN"):
+        images.to_unit_interval(np.array([0.0, np.nan]), "mask")

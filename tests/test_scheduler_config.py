@@ -19,12 +19,13 @@ import pytest
 import torch
 
 from sdjax import schedules
-from sdjax.denoisers import discrete_denoiser, to_vp
+from sdjax.denoisers import discrete_denoiser, pin_timesteps
 from sdjax.errors import ConfigError
 from sdjax.samplers import get_sampler
 from sdjax.samplers.common import step_noise
 from sdjax.samplers.diffusers_solvers import singlestep_orders
-from sdjax.scheduler_config import pin_timesteps, plan_from_scheduler_config, resolve_config
+from sdjax.parameterization import to_vp
+from sdjax.scheduler_config import plan_from_scheduler_config, resolve_config
 from tests.samplers.mixture import default_mixture
 
 diffusers = pytest.importorskip("diffusers")

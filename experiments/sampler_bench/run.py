@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import pathlib
-import subprocess
 import time
 
 import jax
@@ -29,6 +28,7 @@ from experiments.sampler_bench.mixture import Mixture, solve_flow
 from sdjax import schedules
 from sdjax.errors import InvalidArgumentError
 from sdjax.samplers import SAMPLERS
+from sdjax.train.loop import git_revision
 
 HERE = pathlib.Path(__file__).parent
 TO_ZERO = "karras, to sigma=0"  # the whole grid including the final jump sigma_min -> 0
@@ -303,17 +303,6 @@ def run_stochastic(config, mixture, table, names, seed):
 
 
 # --------------------------------------------------------------------------------------------- report
-
-def _git_revision() -> str:
-    try:
-        revision = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=HERE, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sdjax", str(HERE)], capture_output=True,
-                               text=True, cwd=HERE, check=True).stdout.strip()
-        return revision + (" (with uncommitted changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _table(header, rows) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -615,7 +604,7 @@ samples: values near it mean the bias is below what this sample size resolves.
 
 ## Run
 
-git revision {_git_revision()}; seed {config['seed']}; {jax.devices()[0].platform} backend; {elapsed:.0f} s wall
+git revision {git_revision()}; seed {config['seed']}; {jax.devices()[0].platform} backend; {elapsed:.0f} s wall
 time. Resolved config:
 
 ```json

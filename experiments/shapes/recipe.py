@@ -8,11 +8,9 @@
 3. vae       `sdjax train` stage vae (train_vae.py)
 4. base      the trained VAE with its latent scaling factor measured as SD's authors did (1 / std of the
              latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
-5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py, epsilon, Min-SNR-5)
-6. refine    both fine-tuned to v-prediction with uniform weighting (train_refine.py): what the scene is gets
-             decided at high noise, where stage 5's loss hardly looks
-7. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
-8. package   the U-Net and text encoder of 6 with the VAE of 7, EMA weights in float16, a model card, to --out
+5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py, v-prediction)
+6. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
+7. package   the U-Net and text encoder of 5 with the VAE of 6, EMA weights in float16, a model card, to --out
 
 Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
 output is complete, so rerunning the command after an interruption continues where it stopped.
@@ -32,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "init", "vae", "base", "unet", "refine", "decoder", "package")
+STAGES = ("data", "init", "vae", "base", "unet", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
 SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
 
@@ -61,9 +59,8 @@ def write_init_folder(folder: Path, data: Path, seed: int) -> None:
     """Tokenizer learned from the captions, and freshly initialised components, as a diffusers folder."""
     import jax
 
-    from sdjax.models.configs import CLIPTextConfig, UNetConfig, VAEConfig
-    from sdjax.pipeline import ModelConfigs, Pipeline
-    from sdjax.train.task import init_params
+    from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
+    from sdjax.pipeline import Pipeline
     from sdjax.tokenizer import learn_bpe, write_clip_tokenizer
 
     text_raw = _json(HERE / "model" / "text_encoder.json")
@@ -72,11 +69,10 @@ def write_init_folder(folder: Path, data: Path, seed: int) -> None:
     text_raw["vocab_size"] = len(tokenizer)
     raw = {"unet": _json(HERE / "model" / "unet.json"), "vae": _json(HERE / "model" / "vae.json"),
            "text_encoder": text_raw}
-    configs = ModelConfigs(unet=UNetConfig.from_dict(raw["unet"]), vae=VAEConfig.from_dict(raw["vae"]),
-                           text_encoder=CLIPTextConfig.from_dict(raw["text_encoder"]))
+    configs = {name: COMPONENTS[name].config_class.from_dict(raw[name]) for name in STABLE_DIFFUSION}
     key = jax.random.key(seed)
-    params = {name: init_params(name, getattr(configs, name), jax.random.fold_in(key, i))
-              for i, name in enumerate(("unet", "vae", "text_encoder"))}
+    params = {name: COMPONENTS[name].init(configs[name], jax.random.fold_in(key, i))
+              for i, name in enumerate(STABLE_DIFFUSION)}
     Pipeline(configs, params, tokenizer, _json(HERE / "model" / "scheduler_config.json"),
              raw_configs=raw).save_pretrained(folder)
 
@@ -130,12 +126,11 @@ works without downloading anything. It draws one circle, square or triangle in o
 (red, green, blue, yellow, purple, orange, white, black), small or large, on the left, right, top, bottom or
 center, on a plain background of another of those colours, at 64x64 pixels. It knows nothing else.
 
-- Autoencoder: SD's AutoencoderKL architecture, 4 latent channels, factor 8 (64x64 -> 8x8x4); its decoder
+- Autoencoder: SD's AutoencoderKL architecture, 4 latent channels, factor 4 (64x64 -> 16x16x4); its decoder
   fine-tuned afterwards with the encoder frozen, as SD's ft-MSE decoder was.
 - Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
   jointly with the U-Net.
-- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas; trained with epsilon
-  prediction, then fine-tuned to v-prediction.
+- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas, v-prediction.
 - Weights: the EMA, float16. Default sampler: DPM-Solver++(2M) with Karras sigmas.
 
 Re-create it: `python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes`
@@ -186,10 +181,6 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
         log.info("unet: training in %s", workdir / "unet")
         unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
                                   with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"])
-    if "refine" in stages:
-        log.info("refine: training in %s", workdir / "refine")
-        unet_export = train_stage(HERE / "train_refine.py", workdir / "refine",
-                                  with_data(unet_export) + [f"data.cache_dir={workdir / 'latent_cache'}"])
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")
         decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))

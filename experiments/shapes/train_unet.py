@@ -6,13 +6,17 @@ from sdjax.train.config import DataConfig, DiffusionConfig, ModelConfig, Optimiz
 
 def get_config() -> TrainConfig:
     return TrainConfig(
-        stage="unet", seed=0, batch_size=64, num_steps=3500, log_every=25, checkpoint_every=250,
+        stage="unet", seed=0, batch_size=64, num_steps=4000, log_every=25, checkpoint_every=250,
         keep_checkpoints=2,
         # No CLIP exists for this world, so the text encoder learns from the denoising loss alone, as the latent
         # diffusion paper's text-to-image model trained its transformer jointly with the U-Net.
         model=ModelConfig(pretrained="runs/shapes/base", train_text_encoder=True),
-        # Min-SNR-5 (Hang et al. 2023) for faster convergence; 10% empty captions for classifier-free guidance.
-        diffusion=DiffusionConfig(min_snr_gamma=5.0, caption_dropout=0.1),
+        # v-prediction with uniform weighting: it weighs an error in the predicted image by SNR + 1 >= 1, so the
+        # high-noise steps, where this world's content (which shape, which colour, where) is decided, count.
+        # Epsilon with Min-SNR-5 weighs that error by min(SNR, 5), nearly 0 there: trained so, the first model
+        # denoised well but drew the wrong scene (5% adherence against 19.5% after a v-prediction fine-tune).
+        # 10% empty captions for classifier-free guidance.
+        diffusion=DiffusionConfig(prediction_type="v_prediction", min_snr_gamma=0.0, caption_dropout=0.1),
         optimizer=OptimizerConfig(learning_rate=3e-4, schedule="cosine", warmup_steps=200,
                                   final_learning_rate_fraction=0.1, ema_decay=0.999),
         data=DataConfig(folder="runs/shapes/data", resolution=64, random_flip=False, cache_latents=True),

@@ -8,10 +8,9 @@ Presets for the real SD 1.5 / SD 2.1 architectures and tiny variants for tests l
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from typing import Any
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, did_you_mean
 
 # Keys of diffusers/transformers configs that sdjax ignores because they do not change the forward pass
 # (training-only dropout/init settings, token ids, bookkeeping).
@@ -78,9 +77,7 @@ class _Config:
                         f"{source}: key {key!r} = {value!r} turns on a feature sdjax's {cls.__name__} does not "
                         f"implement (supported: {_OFF_VALUES[key]!r}).")
             else:
-                close = difflib.get_close_matches(key, sorted(fields), n=1)
-                hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}.{hint}")
+                raise ConfigError(f"{source}: unknown key {key!r} for {cls.__name__}.{did_you_mean(key, fields)}")
         try:
             return cls(**kwargs)
         except (TypeError, ValueError) as err:

@@ -13,7 +13,6 @@ import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -181,18 +180,3 @@ class ControlNetModel(nn.Module):
         mid = make_conv(self, x.shape[-1], 1, "controlnet_mid_block")(x)
         return scale_residuals(down, mid, conditioning_scale, guess_mode=guess_mode,
                                global_pool=config.global_pool_conditions)
-
-
-def example_inputs(config: ControlNetConfig) -> tuple:
-    """The smallest inputs that trace a ControlNet of `config` (shapes only, for init)."""
-    side = 2 ** (len(config.block_out_channels) - 1)
-    cond_side = side * config.conditioning_downscale_factor
-    spec = jax.ShapeDtypeStruct
-    return (spec((1, side, side, config.in_channels), jnp.float32), spec((1,), jnp.int32),
-            spec((1, 1, config.cross_attention_dim), jnp.float32),
-            spec((1, cond_side, cond_side, config.conditioning_channels), jnp.float32))
-
-
-def param_shapes(config: ControlNetConfig) -> Any:
-    """Shapes of a ControlNet's params (no memory allocated)."""
-    return jax.eval_shape(ControlNetModel(config).init, jax.random.key(0), *example_inputs(config))["params"]

@@ -1,12 +1,10 @@
-"""Pieces shared by the samplers: the ODE derivative, ancestral splitting, per-step noise, validation.
+"""Pieces shared by the samplers: the ODE derivative, ancestral splitting, per-step noise, validation,
+and the history ring of the multistep methods.
 
 Conventions (k-diffusion): `denoise(x, sigma) -> x0 estimate`, x in variance-exploding scaling
 (x = x0 + sigma * eps), `sigmas` descending and ending in 0. Arithmetic is float32/float64.
 """
 from __future__ import annotations
-
-import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -54,31 +52,7 @@ def check_sigmas(sigmas, name: str = "sigmas"):
         raise InvalidArgumentError(f"{name} must be >= 0 (last value is {values[-1]})")
 
 
-# ---- Sampler plumbing shared by singlestep.py (free for any sampler module) -------------------------------
-
-def sampler(nfe):
-    """Decorate `fn(denoise, x, sigmas, key=None, *, option=default, ...)` as a registry sampler.
-
-    The wrapper turns an unknown option into an InvalidArgumentError that names it and lists the valid ones
-    (Python would raise a bare TypeError), checks a concrete sigma grid, and attaches `fn.nfe`: a function
-    steps -> denoiser evaluations at run time, or None for adaptive samplers.
-    """
-    def decorate(fn):
-        options = [name for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY]
-
-        @functools.wraps(fn)
-        def checked(denoise, x, sigmas, key=None, **given):
-            unknown = sorted(set(given) - set(options))
-            if unknown:
-                raise InvalidArgumentError(
-                    f"{fn.__name__}: unknown option {unknown[0]!r}; valid options: {', '.join(options) or 'none'}")
-            check_sigmas(sigmas)
-            return fn(denoise, x, sigmas, key, **given)
-
-        checked.nfe = nfe
-        return checked
-    return decorate
-
+# ---- Sampler plumbing ---------------------------------------------------------------------------------------
 
 def is_concrete_zero(value) -> bool:
     """True for a concrete 0 option: lets a sampler skip noise it would only multiply by zero."""
@@ -110,6 +84,11 @@ def substep_noise(key, step, draw, x):
     return step_noise(jax.random.fold_in(key, step), draw, x)
 
 
+def evaluate(denoise, x, sigma):
+    """The denoiser's estimate in x's dtype (a model may compute in lower precision)."""
+    return jnp.asarray(denoise(x, sigma), x.dtype)
+
+
 def scan_steps(step, x, sigmas):
     """Run `x = step(x, i, sigma, sigma_next)` over consecutive pairs of the grid as one lax.scan."""
     def body(x, pair):
@@ -138,7 +117,13 @@ def unless_final(sigma_to, higher_order, first_order):
     return jax.lax.cond(sigma_to > 0, higher_order, first_order)
 
 
-# ---- Multistep plumbing shared by multistep.py and unipc.py -------------------------------------------------
+# ---- Multistep plumbing: multistep.py, unipc.py, diffusers_solvers.py ----------------------------------------
+
+def earlier_sigma(sigmas, index):
+    """sigmas[index], or sigmas[0] while the (traced) index is negative, before the run has that much history.
+    Weights computed from the clamped sigma may be non-finite; `pick_order` keeps them out of the result."""
+    return sigmas[jnp.maximum(index, 0)]
+
 
 def push_history(history, value):
     """Push onto a fixed-size ring of past records, newest first: history[j] is the record of j steps ago."""
@@ -160,29 +145,6 @@ def warmup_order(step, num_steps, max_order, lower_order_final=False):
     if lower_order_final:
         order = jnp.minimum(order, num_steps - step)
     return order
-
-
-def exp_remainder(z, n: int, series_terms: int = 20):
-    """e^z - sum_{j<=n} z^j / j!, the Taylor remainder that exponential integrators are built from
-    (the phi-functions are phi_{n+1}(z) = exp_remainder(z, n) / z^(n+1)).
-
-    For |z| <= 1 it is summed as its own series: the direct difference cancels catastrophically there
-    (it loses about |z|^-(n+1) ulps, too many in float32 for small steps). Large |z| uses the direct form.
-    """
-    small = jnp.abs(z) <= 1
-    z_small = jnp.where(small, z, 0.0)       # keeps the unused branch finite
-    term = jnp.ones_like(z)
-    for j in range(1, n + 2):                # z^(n+1) / (n+1)!
-        term = term * z_small / j
-    series = term
-    for j in range(n + 2, n + 2 + series_terms):
-        term = term * z_small / j
-        series = series + term
-    taylor, power = jnp.zeros_like(z), jnp.ones_like(z)
-    for j in range(n + 1):
-        taylor = taylor + power
-        power = power * z / (j + 1)
-    return jnp.where(small, series, jnp.exp(z) - taylor)
 
 
 def require_order(sampler_name: str, order, max_order: int, name: str = "order"):

@@ -2,7 +2,8 @@
 
 Same contract as singlestep.py / multistep.py: `fn(denoise, x, sigmas, key=None, **options) -> x`, `denoise(x,
 sigma) -> x0` in variance-exploding scaling, `sigmas` descending and ending in 0 or in a small positive sigma,
-one `lax.scan` over the steps, `fn.nfe(steps)` denoiser evaluations.
+one `lax.scan` over the steps, `fn.nfe(steps)` denoiser evaluations. They register as internal samplers: only
+the plans of `sdjax.scheduler_config` name them, and the public zoo (`SAMPLERS`) does not list them.
 
   * dpmpp_singlestep: DPMSolverSinglestepScheduler, whose steps come in groups of up to `order` grid steps:
     each group restarts from the sample at its first grid point and re-solves to the next grid point with all
@@ -15,17 +16,18 @@ one `lax.scan` over the steps, `fn.nfe(steps)` denoiser evaluations.
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
 from sdjax.samplers import stepping
 from sdjax.samplers.common import (
-    ancestral_step, combine_history, euler_move, exp_remainder, is_concrete_zero, pick_order, push_history, require_choice,
-    require_key, require_nonnegative, require_order, sampler, scan_steps, step_noise, working_arrays)
+    ancestral_step, combine_history, earlier_sigma, euler_move, evaluate, is_concrete_zero, pick_order,
+    push_history, require_choice, require_key, require_nonnegative, require_order, scan_steps, step_noise,
+    working_arrays)
+from sdjax.samplers.exponential import dpmpp_coefficients, dpmpp_data_terms, log_step, sde_noise_std
+from sdjax.samplers.registry import register
 
-_ONE_PER_STEP = lambda steps: steps
 MAX_SINGLESTEP_ORDER = 3
 
 
@@ -53,38 +55,26 @@ def _group_weights(sigma_start, sigma_mid, sigma_last, sigma_to, eta, solver_typ
     SDE variant). A group of order k evaluated at sigma_start, then (k = 3) sigma_mid, then sigma_last; only
     the candidate of the order whose group starts at sigma_start means anything.
 
-    With h = log(sigma_start / sigma_to), H = (1 + eta) h and r = log(sigma_start / sigma_k) / h placing each
-    evaluation inside the step, the derivatives of D in h are finite differences through those points:
-    "midpoint" keeps one difference, with the midpoint rule's weight; "heun" keeps the Taylor terms with
-    phi_2 = (e^-H - 1 + H) / H and phi_3 = phi_2 / H - 1/2.
+    The step has length h = lambda_to - lambda_start and is expanded at its start, so the group's later
+    evaluations lie ahead of it (negative ratios, see `exponential.dpmpp_data_terms`). "midpoint" at order 3
+    keeps only the difference to the newest point, with the Taylor weight; "heun" keeps both Taylor terms.
     """
-    h = jnp.log(sigma_start) - jnp.log(sigma_to)
-    h_eta = (1 + eta) * h
-    first = -jnp.expm1(-h_eta)
-    phi_2 = exp_remainder(-h_eta, 1) / h_eta
-    phi_3 = exp_remainder(-h_eta, 2) / h_eta**2
-    slot = lambda *weights: jnp.array(weights, first.dtype)   # a combination of (D_0, D_1, D_2)
-    offset = lambda sigma: (jnp.log(sigma_start) - jnp.log(sigma)) / h
+    h = log_step(sigma_start, sigma_to)
+    coefficients = dpmpp_coefficients(h, eta)
+    ahead = lambda sigma: -log_step(sigma_start, sigma) / h
+    newest, middle, oldest = jnp.eye(3, dtype=coefficients.phi_1.dtype)   # slots of (D_0, D_1, D_2)
+    terms = lambda values, ratios, kind=solver_type: dpmpp_data_terms(coefficients, values, ratios, kind, 2.0)
 
-    order_1 = first * slot(1, 0, 0)
-    # Order 2: D at the start (slot 1) and at the newest point (slot 0).
-    r = offset(sigma_last)
-    slope_2 = slot(1, -1, 0) / r
-    order_2 = first * slot(0, 1, 0) + (0.5 * first if solver_type == "midpoint" else phi_2) * slope_2
-    # Order 3: D at the start (slot 2), at sigma_mid (slot 1) and at the newest point (slot 0).
-    r_mid, r_last = offset(sigma_mid), offset(sigma_last)
-    slope_mid = slot(0, 1, -1) / r_mid
-    slope_last = slot(1, 0, -1) / r_last
+    order_1 = terms([newest], [])
+    order_2 = terms([middle, newest], [ahead(sigma_last)])       # D at the start is slot 1
     if solver_type == "midpoint":
-        order_3 = first * slot(0, 0, 1) + phi_2 * slope_last
+        order_3 = terms([oldest, newest], [ahead(sigma_last)], "heun")
     else:
-        slope = (r_last * slope_mid - r_mid * slope_last) / (r_last - r_mid)
-        curvature = 2 * (slope_last - slope_mid) / (r_last - r_mid)
-        order_3 = first * slot(0, 0, 1) + phi_2 * slope - phi_3 * curvature
-    return jnp.exp(-h_eta), [order_1, order_2, order_3]
+        order_3 = terms([oldest, middle, newest], [ahead(sigma_mid), ahead(sigma_last) - ahead(sigma_mid)])
+    return coefficients.decay, [order_1, order_2, order_3]
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("dpmpp_singlestep", internal=True)
 def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midpoint", lower_order_final=True,
                      eta=0.0, s_noise=1.0):
     """Singlestep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -106,24 +96,22 @@ def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midp
     x, sigmas = working_arrays(x, sigmas)
     num_steps = sigmas.shape[0] - 1
     orders = jnp.asarray(singlestep_orders(num_steps, order, lower_order_final))
-    at = lambda index: sigmas[jnp.maximum(index, 0)]   # early out-of-group indices only feed unused weights
 
     def body(carry, step):
         x, x_start, history = carry
         i, step_order = step
-        history = push_history(history, denoise(x, sigmas[i]).astype(x.dtype))
+        history = push_history(history, evaluate(denoise, x, sigmas[i]))
         sigma_to = sigmas[i + 1]
         # Extrapolating into sigma = 0 is meaningless (h = inf): that step is x = D, a group of its own.
         step_order = jnp.where(sigma_to > 0, step_order, 1)
         x_start = jnp.where(step_order == 1, x, x_start)
-        decay, candidates = _group_weights(at(i - step_order + 1), at(i - 1), sigmas[i], sigma_to, eta,
+        sigma_start = earlier_sigma(sigmas, i - step_order + 1)
+        decay, candidates = _group_weights(sigma_start, earlier_sigma(sigmas, i - 1), sigmas[i], sigma_to, eta,
                                            solver_type)
         weights = pick_order(step_order, candidates, MAX_SINGLESTEP_ORDER)[:order]
         x_next = decay * x_start + combine_history(weights, history)
-        if noisy:
-            # sigma_to * sqrt(1 - e^(-2 eta h)) over the whole group, finite (and 0) into sigma = 0.
-            h = jnp.where(sigma_to > 0, jnp.log(at(i - step_order + 1)) - jnp.log(sigma_to), 0.0)
-            x_next = x_next + step_noise(key, i, x) * sigma_to * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise
+        if noisy:   # the noise of the whole group's step
+            x_next = x_next + step_noise(key, i, x) * (sde_noise_std(sigma_start, sigma_to, eta) * s_noise)
         return (x_next, x_start, history), None
 
     history = jnp.zeros((order,) + x.shape, x.dtype)
@@ -133,7 +121,7 @@ def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midp
 
 # ---- DDIM with diffusers' fixed stride --------------------------------------------------------------------------
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("ddim_fixed_stride", internal=True)
 def ddim_fixed_stride(denoise, x, sigmas, key=None, *, targets=(), eta=0.0):
     """DDIM (Song et al. 2021) as diffusers' DDIMScheduler steps when its timesteps are unevenly spaced.
 
@@ -163,8 +151,3 @@ def ddim_fixed_stride(denoise, x, sigmas, key=None, *, targets=(), eta=0.0):
         return x * jnp.sqrt((1 + sigma_next**2) / (1 + target**2))
     return scan_steps(step, x, sigmas)
 
-
-SAMPLERS = {
-    "dpmpp_singlestep": dpmpp_singlestep,
-    "ddim_fixed_stride": ddim_fixed_stride,
-}

@@ -17,58 +17,31 @@ How they are built:
 Families:
   * Adams-Bashforth in sigma on the ODE slope d = (x - D) / sigma: lms (variable-step weights), pndm / plms
     and ipndm (the fixed uniform-step weights);
-  * exponential integrators in log sigma on D: dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde (DPM-Solver++), unipc
-    (unipc.py);
+  * exponential integrators in log sigma on D: dpmpp_2m, dpmpp_2m_sde, dpmpp_3m_sde (DPM-Solver++),
+    res_multistep, unipc (unipc.py);
   * deis: exponential integrator on eps = d with polynomial extrapolation in log sigma.
 
-diffusers scheduler -> sampler (the grid is always the scheduler's own `sigmas`, in VE scaling; a prediction
-type is the denoiser adapter's business, not the sampler's; "LOF15" means
-`config.lower_order_final and num_inference_steps < 15`):
-  * DPMSolverMultistepScheduler, algorithm_type="dpmsolver++":
-      solver_order=1 -> euler; 2 -> dpmpp_2m(solver_type=config.solver_type, lower_order_final=LOF15,
-      euler_at_final=config.euler_at_final); 3 -> dpmpp_3m_sde(eta=0, same three options).
-      final_sigmas_type="zero" needs no option: the step into sigma = 0 is always first order.
-  * DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++" (noise from the key, not torch's generator):
-      solver_order=1 -> euler_ancestral(eta=1); 2 -> dpmpp_2m_sde(eta=1, solver_type, lower_order_final=LOF15,
-      euler_at_final). solver_order=3 has no exact equivalent: diffusers' third-order SDE term weights D2
-      by (1 - e^-2h - 2h) / (2h)^2 - 1/2, which does not vanish as h -> 0 (k-diffusion and the ODE branch have
-      + 1/2); dpmpp_3m_sde(eta=1) is the consistent method.
-  * DEISMultistepScheduler -> deis(order=solver_order, lower_order_final=LOF15).
-  * UniPCMultistepScheduler (predict_x0=True, no solver_p) -> unipc(variant=solver_type, order=solver_order,
-      lower_order_final=config.lower_order_final (no 15-step rule there), disable_corrector=config value).
-  * PNDMScheduler(skip_prk_steps=True) -> pndm, grid = sigmas at the distinct timesteps, descending, then the
-      sigma of final_alpha_cumprod (0 when set_alpha_to_one). Exact only where consecutive timesteps differ by
-      num_train_timesteps // steps (timestep_spacing="leading", SD's default): diffusers steps to
-      t - num_train_timesteps // steps whatever the next timestep is.
-  * Karras/exponential/beta grids of DEIS and UniPC(final_sigmas_type="sigma_min") repeat their last sigma (a
-    zero-length final step, which check_sigmas rejects); drop the repeat and the result matches except that
-    the orders chosen by lower_order_final move one step earlier.
+Which of them reproduces which diffusers scheduler: the table in `sdjax/scheduler_config.py`.
 """
 from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.samplers import unipc as _unipc
 from sdjax.samplers import stepping
 from sdjax.samplers.common import (
-    combine_history, exp_remainder, is_concrete_zero, pick_order, push_history, require_choice, require_key,
-    require_nonnegative, require_order, sampler, step_noise, to_d, warmup_order, working_arrays)
-
-_ONE_PER_STEP = lambda steps: steps
+    combine_history, earlier_sigma, evaluate, is_concrete_zero, pick_order, push_history, require_choice,
+    require_key, require_nonnegative, require_order, step_noise, to_d, warmup_order, working_arrays)
+from sdjax.samplers.exponential import (
+    dpmpp_coefficients, dpmpp_data_terms, exp_remainder, log_step, sde_noise_std)
+from sdjax.samplers.registry import register
 # V = log(sigma_next / sigma) is clamped here: at sigma_next = 0 it is -inf, and e^-60 is already 0 to float64.
 _LOG_RATIO_FLOOR = -60.0
 
 
 # ---- shared machinery ---------------------------------------------------------------------------------------
-
-def _denoised(denoise, x, sigma):
-    """The denoiser's estimate in x's dtype (a model may compute in lower precision)."""
-    return jnp.asarray(denoise(x, sigma), x.dtype)
-
 
 def _scan_with_history(denoise, x, sigmas, depth, record, advance, history=None):
     """The loop of a one-evaluation-per-step multistep method, as one lax.scan.
@@ -78,7 +51,7 @@ def _scan_with_history(denoise, x, sigmas, depth, record, advance, history=None)
     """
     def body(carry, i):
         x, history = carry
-        denoised = _denoised(denoise, x, sigmas[i])
+        denoised = evaluate(denoise, x, sigmas[i])
         history = push_history(history, record(x, sigmas[i], denoised))
         return (advance(i, x, denoised, history), history), None
 
@@ -130,11 +103,6 @@ def _adams_bashforth_table(max_order):
 _ADAMS_BASHFORTH = _adams_bashforth_table(4)
 
 
-def _past_sigma(sigmas, i, lag):
-    """sigmas[i - lag], clamped to sigmas[0] before the run has that much history (such weights go unused)."""
-    return sigmas[jnp.maximum(i - lag, 0)]
-
-
 def _fixed_adams_bashforth(x, sigma, sigma_next, history, order):
     """x + (sigma_next - sigma) * (AB weights . past slopes): PLMS / iPNDM's step, blind to step-size changes."""
     weights = jnp.asarray(_ADAMS_BASHFORTH[:, :history.shape[0]], x.dtype)[order - 1]
@@ -150,12 +118,12 @@ def _lms_weights(sigmas, i, order):
     step = sigmas[i + 1] - sigmas[i]
     candidates = []
     for m in range(1, order + 1):
-        nodes = [(_past_sigma(sigmas, i, j) - sigmas[i]) / step for j in range(m)]
+        nodes = [(earlier_sigma(sigmas, i - j) - sigmas[i]) / step for j in range(m)]
         candidates.append([w * step for w in _lagrange_weights(nodes, _uniform_moments(m))])
     return candidates
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("lms")
 def lms(denoise, x, sigmas, key=None, *, order=4):
     """Linear multistep: the variable-step Adams-Bashforth method (Hairer, Norsett & Wanner, "Solving Ordinary
     Differential Equations I", III.5) on the probability-flow ODE dx/dsigma = (x - D) / sigma of Karras et al.
@@ -170,7 +138,7 @@ def lms(denoise, x, sigmas, key=None, *, order=4):
     return _scan_with_history(denoise, x, sigmas, order, _record_slope, advance)
 
 
-@sampler(nfe=lambda steps: steps + 1 if steps > 1 else steps)
+@register("pndm", aliases=("plms",), nfe=lambda steps: steps + 1 if steps > 1 else steps)
 def pndm(denoise, x, sigmas, key=None):
     """PLMS, the pseudo linear multistep method of Liu et al. 2022, "Pseudo Numerical Methods for Diffusion
     Models on Manifolds" (its "transfer part", eq. 9, is DDIM, which is an Euler step in VE scaling), as
@@ -180,11 +148,11 @@ def pndm(denoise, x, sigmas, key=None):
     into sigma = 0."""
     x, sigmas = working_arrays(x, sigmas)
     sigma, sigma_next = sigmas[0], sigmas[1]
-    slope = to_d(x, sigma, _denoised(denoise, x, sigma))
+    slope = to_d(x, sigma, evaluate(denoise, x, sigma))
     x_euler = x + (sigma_next - sigma) * slope
     if sigmas.shape[0] == 2:
         return x_euler
-    slope_end = to_d(x_euler, sigma_next, _denoised(denoise, x_euler, sigma_next))
+    slope_end = to_d(x_euler, sigma_next, evaluate(denoise, x_euler, sigma_next))
     x = x + (sigma_next - sigma) * (slope + slope_end) / 2
     history = jnp.zeros((4,) + x.shape, x.dtype).at[0].set(slope)
 
@@ -193,7 +161,7 @@ def pndm(denoise, x, sigmas, key=None):
     return _scan_with_history(denoise, x, sigmas[1:], 4, _record_slope, advance, history=history)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("ipndm")
 def ipndm(denoise, x, sigmas, key=None, *, order=4):
     """Improved PNDM (iPNDM) of Zhang & Chen 2022, "Fast Sampling of Diffusion Models with Exponential
     Integrator" (the DEIS paper), as ComfyUI's `sample_ipndm`: fixed Adams-Bashforth weights on the slopes in
@@ -214,40 +182,23 @@ def ipndm(denoise, x, sigmas, key=None, *, order=4):
 
 def _dpmpp_update(sigmas, i, eta, solver_type, second_difference_weight=1.0):
     """DPM-Solver++'s multistep update from sigma_i to sigma_{i+1} (Lu et al. 2022b, "DPM-Solver++", Algorithm 2
-    and its third-order and SDE variants, in k-diffusion's form) as (decay, [weights of orders 1, 2, 3]).
-
-    With h = log(sigma_i / sigma_{i+1}) and H = (1 + eta) h: x_next = decay x + weights . [D_i, D_{i-1}, D_{i-2}]
-    (+ noise), decay = (sigma_{i+1} / sigma_i) e^(-eta h) = e^-H; order 1 is (1 - e^-H) D_i, and orders 2 and 3
-    add corrections from divided differences of D in log sigma. Into sigma = 0, h = inf and decay = 0.
+    and its third-order and SDE variants, in k-diffusion's form) as (decay, [weights of orders 1, 2, 3]):
+    x_next = decay x + weights . [D_i, D_{i-1}, D_{i-2}] (+ noise), in the notation of `exponential`, with
+    r_0 = h_{i-1} / h and r_1 = h_{i-2} / h placing the two earlier evaluations behind this step.
     """
-    sigma, sigma_next = sigmas[i], sigmas[i + 1]
-    h = jnp.log(sigma) - jnp.log(sigma_next)
-    h_eta = (1 + eta) * h
-    ratios = [(jnp.log(_past_sigma(sigmas, i, lag)) - jnp.log(_past_sigma(sigmas, i, lag - 1))) / h
-              for lag in (1, 2)]                      # r0, r1: earlier steps in units of this one
-
-    first = -jnp.expm1(-h_eta)
-    phi_2 = exp_remainder(-h_eta, 1) / h_eta          # (e^-H - 1 + H) / H
-    phi_3 = exp_remainder(-h_eta, 2) / h_eta**2       # phi_2 / H - 1/2
-    slot = lambda *weights: jnp.array(weights, first.dtype)
-    newest = first * slot(1, 0, 0)
-    # Divided differences of D in units of h, as weight vectors over the three slots.
-    d1_0 = slot(1, -1, 0) / ratios[0]
-    d1_1 = slot(0, 1, -1) / ratios[1]
-    second_coefficient = 0.5 * first if solver_type == "midpoint" else phi_2
-    order_2 = newest + second_coefficient * d1_0
-    d1 = d1_0 + (d1_0 - d1_1) * ratios[0] / (ratios[0] + ratios[1])
-    d2 = (d1_0 - d1_1) / (ratios[0] + ratios[1])
-    # d2 ~ h^2 D''/2 while the Taylor term is -phi_3 h^2 D'': the references' weight 1 is half of it (see
-    # dpmpp_3m_sde's `taylor_third_order`).
-    order_3 = newest + phi_2 * d1 - second_difference_weight * phi_3 * d2
-    return jnp.exp(-h_eta), [newest, order_2, order_3]
+    h = log_step(sigmas[i], sigmas[i + 1])
+    ratios = [log_step(earlier_sigma(sigmas, i - lag), earlier_sigma(sigmas, i - lag + 1)) / h for lag in (1, 2)]
+    coefficients = dpmpp_coefficients(h, eta)
+    slots = jnp.eye(3, dtype=coefficients.phi_1.dtype)      # D_i, D_{i-1}, D_{i-2} as weight vectors
+    candidates = [dpmpp_data_terms(coefficients, slots[:order], ratios, solver_type, second_difference_weight)
+                  for order in (1, 2, 3)]
+    return coefficients.decay, candidates
 
 
 def _dpmpp_multistep(name, denoise, x, sigmas, key, *, max_order, eta, s_noise, solver_type, lower_order_final,
                      euler_at_final, taylor_third_order=False):
     """The DPM-Solver++ multistep samplers. Beyond k-diffusion's options, for diffusers'
-    DPMSolverMultistepScheduler (see the module docstring): solver_type picks the second-order term ("midpoint"
+    DPMSolverMultistepScheduler (see sdjax/scheduler_config.py): solver_type picks the second-order term ("midpoint"
     or "heun"), lower_order_final caps step i at order steps - i, euler_at_final makes the last step first
     order. The step into sigma = 0 is always x = D, as in both references."""
     require_nonnegative(name, eta=eta, s_noise=s_noise)
@@ -259,7 +210,7 @@ def _dpmpp_multistep(name, denoise, x, sigmas, key, *, max_order, eta, s_noise, 
         require_key(key, name, "eta > 0")
 
     def advance(i, x, denoised, history):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        sigma_next = sigmas[i + 1]
         order = warmup_order(i, num_steps, max_order, lower_order_final)
         if euler_at_final:
             order = jnp.where(i == num_steps - 1, 1, order)
@@ -268,15 +219,12 @@ def _dpmpp_multistep(name, denoise, x, sigmas, key, *, max_order, eta, s_noise, 
         decay, candidates = _dpmpp_update(sigmas, i, eta, solver_type, 2.0 if taylor_third_order else 1.0)
         x_next = decay * x + combine_history(jnp.stack(candidates)[order - 1, :max_order], history)
         if noisy:
-            # sigma_next * sqrt(1 - e^(-2 eta h)), written to stay finite (and 0) into sigma = 0.
-            h = jnp.where(sigma_next > 0, jnp.log(sigma) - jnp.log(sigma_next), 0.0)
-            noise_scale = sigma_next * jnp.sqrt(-jnp.expm1(-2 * eta * h)) * s_noise
-            x_next = x_next + step_noise(key, i, x) * noise_scale
+            x_next = x_next + step_noise(key, i, x) * (sde_noise_std(sigmas[i], sigma_next, eta) * s_noise)
         return x_next
     return _scan_with_history(denoise, x, sigmas, max_order, _record_denoised, advance)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("dpmpp_2m")
 def dpmpp_2m(denoise, x, sigmas, key=None, *, solver_type="midpoint", lower_order_final=False,
              euler_at_final=False):
     """DPM-Solver++(2M), Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
@@ -288,7 +236,7 @@ def dpmpp_2m(denoise, x, sigmas, key=None, *, solver_type="midpoint", lower_orde
                             euler_at_final=euler_at_final)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("dpmpp_2m_sde")
 def dpmpp_2m_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, solver_type="midpoint",
                  lower_order_final=False, euler_at_final=False):
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, the SDE-DPM-Solver++ of its appendix, with k-diffusion's eta
@@ -300,7 +248,7 @@ def dpmpp_2m_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, solver_t
                             euler_at_final=euler_at_final)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("dpmpp_3m_sde")
 def dpmpp_3m_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, solver_type="heun",
                  lower_order_final=False, euler_at_final=False, taylor_third_order=False):
     """DPM-Solver++(3M) SDE: the third-order multistep DPM-Solver++ (Lu et al. 2022b, with the SDE noise of its
@@ -314,6 +262,17 @@ def dpmpp_3m_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, solver_t
     return _dpmpp_multistep("dpmpp_3m_sde", denoise, x, sigmas, key, max_order=3, eta=eta, s_noise=s_noise,
                             solver_type=solver_type, lower_order_final=lower_order_final,
                             euler_at_final=euler_at_final, taylor_third_order=taylor_third_order)
+
+
+@register("res_multistep")
+def res_multistep(denoise, x, sigmas, key=None):
+    """RES multistep, ComfyUI's `sample_res_multistep`: the second-order exponential multistep method on the data
+    prediction D from Zhang, Song & Chen 2023, "Improved Order Analysis and Design of Exponential Integrator for
+    Diffusion Models Sampling" (the Refined Exponential Solver). Its order conditions weight the divided
+    difference of D by phi_2, so it is DPM-Solver++(2M) with the "heun" term; the first step and the step into
+    sigma = 0 are first order. Deterministic (ComfyUI's eta = 0; its ancestral variant is not here)."""
+    return _dpmpp_multistep("res_multistep", denoise, x, sigmas, key, max_order=2, eta=0.0, s_noise=0.0,
+                            solver_type="heun", lower_order_final=False, euler_at_final=False)
 
 
 # ---- DEIS ---------------------------------------------------------------------------------------------------
@@ -334,12 +293,12 @@ def _deis_weights(sigmas, i, order):
     moments = [sigma * _exp_moment(n, log_ratio) for n in range(order)]
     candidates = []
     for m in range(1, order + 1):
-        nodes = [jnp.log(_past_sigma(sigmas, i, j)) - jnp.log(sigma) for j in range(m)]
+        nodes = [jnp.log(earlier_sigma(sigmas, i - j)) - jnp.log(sigma) for j in range(m)]
         candidates.append(_lagrange_weights(nodes, moments[:m]))
     return candidates
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("deis")
 def deis(denoise, x, sigmas, key=None, *, order=2, lower_order_final=False):
     """DEIS, Zhang & Chen 2022, "Fast Sampling of Diffusion Models with Exponential Integrator": the
     rho-AB-DEIS multistep with the log-rho interpolation of diffusers' DEISMultistepScheduler: the
@@ -356,16 +315,3 @@ def deis(denoise, x, sigmas, key=None, *, order=2, lower_order_final=False):
     return _scan_with_history(denoise, x, sigmas, order, _record_slope, advance)
 
 
-unipc = _unipc.unipc
-
-SAMPLERS = {
-    "lms": lms,
-    "pndm": pndm,
-    "plms": pndm,
-    "ipndm": ipndm,
-    "dpmpp_2m": dpmpp_2m,
-    "dpmpp_2m_sde": dpmpp_2m_sde,
-    "dpmpp_3m_sde": dpmpp_3m_sde,
-    "deis": deis,
-    "unipc": unipc,
-}

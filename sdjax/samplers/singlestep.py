@@ -24,10 +24,10 @@ import jax.numpy as jnp
 
 from sdjax.errors import InvalidArgumentError
 from sdjax.samplers.common import (
-    ancestral_step, euler_move, is_concrete_zero, log_interp, require_key, require_nonnegative, sampler,
-    scan_steps, step_noise, substep_noise, to_d, unless_final, working_arrays)
+    ancestral_step, euler_move, is_concrete_zero, log_interp, require_key, require_nonnegative, scan_steps,
+    step_noise, substep_noise, to_d, unless_final, working_arrays)
+from sdjax.samplers.registry import register
 
-_ONE_PER_STEP = lambda steps: steps
 # Two evaluations per step, except the step into sigma = 0, which is an Euler step.
 _TWO_PER_STEP_BUT_LAST = lambda steps: 2 * steps - 1
 
@@ -131,7 +131,7 @@ def _ancestral_sampler(name, make_move, denoise, x, sigmas, key, eta, s_noise):
 
 # ---- churned ODE samplers -----------------------------------------------------------------------------------
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("euler")
 def euler(denoise, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Euler steps of the probability-flow ODE: Karras et al. 2022, "Elucidating the Design Space of
     Diffusion-Based Generative Models", Algorithm 2 with first-order steps. s_churn > 0 adds the stochastic
@@ -139,14 +139,14 @@ def euler(denoise, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.
     return _churned_sampler("euler", _euler_move, denoise, x, sigmas, key, s_churn, s_tmin, s_tmax, s_noise)
 
 
-@sampler(nfe=_TWO_PER_STEP_BUT_LAST)
+@register("heun", nfe=_TWO_PER_STEP_BUT_LAST)
 def heun(denoise, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """Heun steps: Karras et al. 2022, Algorithm 2 (the stochastic sampler; deterministic Algorithm 1 when
     s_churn = 0). The step into sigma = 0 is Euler."""
     return _churned_sampler("heun", _heun_move, denoise, x, sigmas, key, s_churn, s_tmin, s_tmax, s_noise)
 
 
-@sampler(nfe=_TWO_PER_STEP_BUT_LAST)
+@register("dpm_2", nfe=_TWO_PER_STEP_BUT_LAST)
 def dpm_2(denoise, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0):
     """DPM-Solver-2 (Lu et al. 2022, "DPM-Solver", Algorithm 1 as a log-sigma midpoint rule) inside Karras et
     al.'s Algorithm 2, as k-diffusion's sample_dpm_2. The step into sigma = 0 is Euler."""
@@ -155,28 +155,28 @@ def dpm_2(denoise, x, sigmas, key=None, *, s_churn=0.0, s_tmin=0.0, s_tmax=math.
 
 # ---- ancestral samplers -------------------------------------------------------------------------------------
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("euler_ancestral")
 def euler_ancestral(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (k-diffusion): an ODE step to sigma_down, then noise sigma_up.
     eta = 1 samples the exact DDPM posterior (Ho et al. 2020); eta = 0 is Euler."""
     return _ancestral_sampler("euler_ancestral", _euler_move, denoise, x, sigmas, key, eta, s_noise)
 
 
-@sampler(nfe=_TWO_PER_STEP_BUT_LAST)
+@register("dpm_2_ancestral", nfe=_TWO_PER_STEP_BUT_LAST)
 def dpm_2_ancestral(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver-2 steps (Lu et al. 2022) to sigma_down, as k-diffusion.
     NFE formula assumes eta <= 1 (larger eta can make more steps reach sigma_down = 0 and fall back to Euler)."""
     return _ancestral_sampler("dpm_2_ancestral", _dpm_2_move, denoise, x, sigmas, key, eta, s_noise)
 
 
-@sampler(nfe=_TWO_PER_STEP_BUT_LAST)
+@register("dpmpp_2s_ancestral", nfe=_TWO_PER_STEP_BUT_LAST)
 def dpmpp_2s_ancestral(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022b, "DPM-Solver++", Algorithm 1) to
     sigma_down, as k-diffusion. NFE formula assumes eta <= 1, as for dpm_2_ancestral."""
     return _ancestral_sampler("dpmpp_2s_ancestral", _dpmpp_2s_move, denoise, x, sigmas, key, eta, s_noise)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("ddim")
 def ddim(denoise, x, sigmas, key=None, *, eta=0.0):
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12) in sigma space.
 
@@ -191,7 +191,7 @@ def ddim(denoise, x, sigmas, key=None, *, eta=0.0):
     return _ancestral_sampler("ddim", _euler_move, denoise, x, sigmas, key, eta, 1.0)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("ddpm")
 def ddpm(denoise, x, sigmas, key):
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) between arbitrary grid points, as ComfyUI's
     sample_ddpm: draw x' from the posterior q(x' | x, x0 = denoised) with the "fixed small" variance.
@@ -216,7 +216,7 @@ def _brownian_pair(key, step, x, sigma, sigma_mid, sigma_next):
     return first, increment / jnp.sqrt(sigma - sigma_next)
 
 
-@sampler(nfe=_TWO_PER_STEP_BUT_LAST)
+@register("dpmpp_sde", nfe=_TWO_PER_STEP_BUT_LAST)
 def dpmpp_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, r=0.5):
     """Stochastic DPM-Solver++ (Lu et al. 2022b) with an SDE-DPM-Solver-2-style intermediate point at the
     fraction r of the step in log sigma, as k-diffusion's sample_dpmpp_sde. Both stages are ancestral
@@ -249,7 +249,7 @@ def dpmpp_sde(denoise, x, sigmas, key=None, *, eta=1.0, s_noise=1.0, r=0.5):
     return scan_steps(step, x, sigmas)
 
 
-@sampler(nfe=_ONE_PER_STEP)
+@register("lcm")
 def lcm(denoise, x, sigmas, key):
     """Latent Consistency Model multistep sampling (Luo et al. 2023, "Latent Consistency Models", Algorithm 1),
     as ComfyUI's sample_lcm: jump to the x0 estimate, then re-noise it to sigma_next with fresh noise.
@@ -304,7 +304,7 @@ class _AdaptiveState(NamedTuple):
     iteration: jax.Array
 
 
-@sampler(nfe=None)
+@register("dpm_adaptive", nfe=None)
 def dpm_adaptive(denoise, x, sigmas, key=None, *, order=3, rtol=0.05, atol=0.0078, h_init=0.05, pcoeff=0.0,
                  icoeff=1.0, dcoeff=0.0, accept_safety=0.81, eta=0.0, s_noise=1.0, max_iterations=1000):
     """DPM-Solver-12 (order=2) or -23 (order=3) with adaptive step size (Lu et al. 2022, "DPM-Solver",
@@ -372,17 +372,3 @@ def dpm_adaptive(denoise, x, sigmas, key=None, *, order=3, rtol=0.05, atol=0.007
     state = jax.lax.while_loop(unfinished, trial, start)
     return jax.lax.cond(ends_in_zero, lambda: denoise(state.x, jnp.exp(-state.s)), lambda: state.x)
 
-
-SAMPLERS = {
-    "euler": euler,
-    "euler_ancestral": euler_ancestral,
-    "heun": heun,
-    "dpm_2": dpm_2,
-    "dpm_2_ancestral": dpm_2_ancestral,
-    "dpmpp_2s_ancestral": dpmpp_2s_ancestral,
-    "dpmpp_sde": dpmpp_sde,
-    "ddim": ddim,
-    "ddpm": ddpm,
-    "lcm": lcm,
-    "dpm_adaptive": dpm_adaptive,
-}

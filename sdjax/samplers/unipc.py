@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
 from sdjax.samplers import stepping
 from sdjax.samplers.common import (
-    combine_history, exp_remainder, pick_order, push_history, require_choice, require_order, sampler,
+    combine_history, earlier_sigma, evaluate, pick_order, push_history, require_choice, require_order,
     warmup_order, working_arrays)
+from sdjax.samplers.exponential import exp_remainder, log_step
+from sdjax.samplers.registry import register
 
 MAX_ORDER = 3
 
@@ -36,10 +37,10 @@ def _update_weights(sigma_from, sigma_to, earlier_sigmas, include_target, varian
 
     Returns (weight of D_from, weights of the earlier D's, weight of D_to or None).
     """
-    h = jnp.log(sigma_from) - jnp.log(sigma_to)
+    h = log_step(sigma_from, sigma_to)
     hh = -h
     b_of_h = hh if variant == "bh1" else jnp.expm1(hh)
-    nodes = [(jnp.log(sigma_from) - jnp.log(s)) / h for s in earlier_sigmas]
+    nodes = [log_step(sigma_from, s) / h for s in earlier_sigmas]
     if include_target:
         nodes.append(jnp.ones_like(h))
     weight_from = -jnp.expm1(hh)
@@ -61,8 +62,8 @@ def _update_weights(sigma_from, sigma_to, earlier_sigmas, include_target, varian
 
 
 def _past_sigmas(sigmas, i, count):
-    """sigmas[i - 1], ..., sigmas[i - count], clamped at sigmas[0] (weights needing them go unused then)."""
-    return [sigmas[jnp.maximum(i - k, 0)] for k in range(1, count + 1)]
+    """sigmas[i - 1], ..., sigmas[i - count] (clamped at sigmas[0], see `earlier_sigma`)."""
+    return [earlier_sigma(sigmas, i - k) for k in range(1, count + 1)]
 
 
 def _predictor_weights(sigmas, i, order, variant):
@@ -77,12 +78,11 @@ def _predictor_weights(sigmas, i, order, variant):
 
 def _corrector_weights(sigmas, i, order, variant):
     """Candidate p - 1: UniC-p redoing the step sigma_{i-1} -> sigma_i with D_i, over [D_i, D_{i-1}, ...]."""
-    start = jnp.maximum(i - 1, 0)
+    sigma_from = earlier_sigma(sigmas, i - 1)   # step 0 has nothing to correct: its weights go unused
     candidates = []
     for p in range(1, order + 1):
-        earlier = _past_sigmas(sigmas, start, p - 1)
-        weight_from, weights_earlier, weight_to = _update_weights(sigmas[start], sigmas[i], earlier, True,
-                                                                  variant)
+        earlier = _past_sigmas(sigmas, i - 1, p - 1)
+        weight_from, weights_earlier, weight_to = _update_weights(sigma_from, sigmas[i], earlier, True, variant)
         candidates.append([weight_to, weight_from] + weights_earlier)
     return candidates
 
@@ -93,7 +93,7 @@ def _corrector_mask(num_steps, disable_corrector):
     return np.array([i > 0 and (i - 1) not in disabled for i in range(num_steps)])
 
 
-@sampler(nfe=lambda steps: steps)
+@register("unipc")
 def unipc(denoise, x, sigmas, key=None, *, order=2, variant="bh2", lower_order_final=True, disable_corrector=()):
     """UniPC, Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
     Models": multistep UniP-p predictor plus the UniC corrector, which redoes the previous step with the
@@ -114,11 +114,11 @@ def unipc(denoise, x, sigmas, key=None, *, order=2, variant="bh2", lower_order_f
 
     def body(carry, i):
         x, x_before, history, order_before = carry
-        denoised = jnp.asarray(denoise(x, sigmas[i]), x.dtype)
+        denoised = evaluate(denoise, x, sigmas[i])
         history = push_history(history, denoised)
         # UniC: redo the previous step with D_i; D_i itself stays the evaluation at the uncorrected x.
         corrector = pick_order(order_before, _corrector_weights(sigmas, i, order, variant), order + 1)
-        x_corrected = sigmas[i] / sigmas[jnp.maximum(i - 1, 0)] * x_before + combine_history(corrector, history)
+        x_corrected = sigmas[i] / earlier_sigma(sigmas, i - 1) * x_before + combine_history(corrector, history)
         x = jnp.where(corrected_at[i], x_corrected, x)
         step_order = warmup_order(i, num_steps, order, lower_order_final)
         step_order = jnp.where(sigmas[i + 1] > 0, step_order, 1).astype(jnp.int32)

@@ -60,8 +60,8 @@ def main(argv=None) -> int:
             return 0
         from sdjax.train.loop import train  # jax and the models load only when training
         if not args.no_compile_cache:
-            from sdjax.cli import enable_compile_cache
-            enable_compile_cache()
+            from sdjax import compile_cache
+            compile_cache.enable()
         result = train(config, args.workdir)
     except ConfigError as err:
         print(f"sdjax train: config error: {err}", file=sys.stderr)

@@ -7,25 +7,23 @@ ConfigError naming the key and the closest valid one, so a typo never silently t
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, did_you_mean
+from sdjax.parameterization import PARAMETERIZATIONS
 
 STAGES = ("unet", "vae")
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     if value not in choices:
-        close = difflib.get_close_matches(str(value), choices, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}.{hint}")
+        raise ConfigError(f"{key} = {value!r} is not one of {', '.join(map(repr, choices))}."
+                          f"{did_you_mean(value, choices)}")
 
 
 def _check_positive(key: str, value, *, allow_zero: bool = False) -> None:
@@ -71,7 +69,7 @@ class DiffusionConfig:
                                          "guidance)")
 
     def __post_init__(self):
-        _check_choice("diffusion.prediction_type", self.prediction_type, ("",) + PREDICTION_TYPES)
+        _check_choice("diffusion.prediction_type", self.prediction_type, ("", *PARAMETERIZATIONS))
         _check_positive("diffusion.min_snr_gamma", self.min_snr_gamma, allow_zero=True)
         _check_positive("diffusion.offset_noise", self.offset_noise, allow_zero=True)
         if not 0.0 <= self.caption_dropout <= 1.0:
@@ -189,9 +187,7 @@ def to_dict(config) -> dict[str, Any]:
 
 
 def _unknown_key(key: str, valid: Iterable[str]) -> ConfigError:
-    close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return ConfigError(f"unknown config key {key!r}.{hint}")
+    return ConfigError(f"unknown config key {key!r}.{did_you_mean(key, valid, cutoff=0.5)}")
 
 
 def _parse_value(key: str, text: str, default: Any) -> Any:

@@ -1,7 +1,6 @@
 """Trained weights as a `Pipeline`: exported to a diffusers folder, or sampled into a grid during training."""
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 from pathlib import Path
@@ -10,8 +9,6 @@ from typing import Any
 from sdjax import images
 from sdjax.pipeline import Pipeline
 from sdjax.train.task import Task
-
-log = logging.getLogger("sdjax.train")
 
 
 def trained_pipeline(base: Pipeline, task: Task, params: dict[str, Any]) -> Pipeline:
@@ -38,12 +35,8 @@ def export_folder(pipeline: Pipeline, folder: str | Path) -> Path:
 
 
 def save_sample_grid(pipeline: Pipeline, path: Path, prompts, *, size: int, steps: int, guidance_scale: float,
-                     seed: int) -> Path | None:
-    """One `size`-square image per prompt (seeds seed, seed + 1, ...) tiled into a PNG; None when this version of
-    the pipeline cannot generate."""
-    if not hasattr(pipeline, "generate"):
-        log.info("sample grid skipped: Pipeline.generate is not available in this version of sdjax")
-        return None
+                     seed: int) -> Path:
+    """One `size`-square image per prompt (seeds seed, seed + 1, ...) tiled into a PNG."""
     result = pipeline.generate(list(prompts), steps=steps, guidance_scale=guidance_scale, seed=seed, height=size,
                                width=size)
     path.parent.mkdir(parents=True, exist_ok=True)

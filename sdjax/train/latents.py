@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.pipeline import to_unit_range
+from sdjax.images import to_unit_range
 from sdjax.train.data import ImageSource, SkippedImageWarning
 
 MANIFEST = "manifest.json"

@@ -1,10 +1,9 @@
 """Training losses: the latent diffusion loss of the U-Net and the autoencoder loss of the VAE.
 
-Notation (DDPM, variance-preserving): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps,
-SNR_t = alpha_bar_t / (1 - alpha_bar_t). The network predicts, per diffusers' `prediction_type`,
-eps ("epsilon"), v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) x0 ("v_prediction", Salimans & Ho 2022) or
-x0 ("sample"). Every configuration choice is made when a loss is built: the returned functions hold no
-branches on config, only the arithmetic of the chosen variant.
+The forward process, the network's target per diffusers' `prediction_type` and the Min-SNR weights are the
+model's parameterisation (parameterization.py), which the samplers' denoiser reads too. Every configuration
+choice is made when a loss is built: the returned functions hold no branches on config, only the arithmetic
+of the chosen variant.
 
 A loss function has the signature `loss_fn(params, frozen, batch, key) -> (loss, metrics)`: `params` are the
 trained components ({"unet": ...} and maybe "text_encoder"), `frozen` the others it needs.
@@ -18,56 +17,10 @@ import jax.numpy as jnp
 
 from sdjax.models.configs import VAEConfig
 from sdjax.models.vae import DiagonalGaussian, scale_latents
+from sdjax.parameterization import add_noise, parameterization
 from sdjax.train.config import DiffusionConfig, VAELossConfig
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-
-
-def _per_sample(value, like):
-    """(batch,) -> (batch, 1, 1, 1) to broadcast against NHWC."""
-    return value.reshape(value.shape + (1,) * (like.ndim - 1))
-
-
-def add_noise(x0, noise, alpha_bar):
-    """x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps (the forward process at per-sample alpha_bar)."""
-    alpha_bar = _per_sample(alpha_bar, x0)
-    return jnp.sqrt(alpha_bar) * x0 + jnp.sqrt(1.0 - alpha_bar) * noise
-
-
-def epsilon_target(x0, noise, alpha_bar):
-    return noise
-
-
-def v_target(x0, noise, alpha_bar):
-    alpha_bar = _per_sample(alpha_bar, x0)
-    return jnp.sqrt(alpha_bar) * noise - jnp.sqrt(1.0 - alpha_bar) * x0
-
-
-def sample_target(x0, noise, alpha_bar):
-    return x0
-
-
-TARGETS = {"epsilon": epsilon_target, "v_prediction": v_target, "sample": sample_target}
-
-
-def snr(alpha_bar):
-    return alpha_bar / (1.0 - alpha_bar)
-
-
-def min_snr_weighting(prediction_type: str, gamma: float) -> Callable[[jax.Array], jax.Array]:
-    """Per-sample loss weight as a function of alpha_bar: Min-SNR-gamma (Hang et al. 2023) expressed for each
-    target, i.e. min(SNR, gamma) divided by the SNR-weight the target already carries (eps: SNR, v: SNR + 1,
-    x0: 1). Written without 0/0 so a zero-terminal-SNR timestep gets weight 1 (eps), 0 (v, x0). gamma <= 0
-    gives uniform weights."""
-    if gamma <= 0:
-        return lambda alpha_bar: jnp.ones_like(alpha_bar)
-    rules = {
-        "epsilon": lambda s: jnp.minimum(1.0, gamma / s),  # min(s, g) / s
-        "v_prediction": lambda s: jnp.minimum(s, gamma) / (s + 1.0),
-        "sample": lambda s: jnp.minimum(s, gamma),
-    }
-    rule = rules[prediction_type]
-    return lambda alpha_bar: rule(snr(alpha_bar))
 
 
 def sample_noise(key, shape, offset_noise: float):
@@ -99,7 +52,7 @@ def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: 
     Min-SNR weighting. `alphas_cumprod` (num_train_timesteps,) already includes any zero-terminal-SNR rescale.
     """
     alpha_bars = jnp.asarray(alphas_cumprod, jnp.float32)
-    target_fn, weight_fn = TARGETS[prediction_type], min_snr_weighting(prediction_type, config.min_snr_gamma)
+    model = parameterization(prediction_type)
     empty_ids = jnp.asarray(empty_ids, jnp.int32)
 
     def loss_fn(params, frozen, batch, key):
@@ -113,7 +66,8 @@ def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: 
         ids = drop_captions(caption_key, batch["input_ids"], empty_ids, config.caption_dropout)
         context = text_encoder.apply({"params": weights["text_encoder"]}, ids).prompt_embeds
         prediction = unet.apply({"params": weights["unet"]}, add_noise(x0, noise, alpha_bar), t, context)
-        loss = weighted_mse(prediction, target_fn(x0, noise, alpha_bar), weight_fn(alpha_bar))
+        loss = weighted_mse(prediction, model.target(x0, noise, alpha_bar),
+                            model.loss_weight(alpha_bar, config.min_snr_gamma))
         return loss, {"loss": loss}
 
     return loss_fn

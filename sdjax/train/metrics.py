@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from sdjax.progress import ProgressBar
 
 log = logging.getLogger("sdjax.train")
 
@@ -37,14 +38,6 @@ def truncate_after(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def progress_line(step: int, total: int, loss: float, steps_per_sec: float, width: int = 30) -> str:
-    """`\rtrain 120/1000 [===      ] loss 0.1234 5.67 steps/s`, ending the line at the last step."""
-    filled = width * min(step, total) // max(total, 1)
-    end = "\n" if step >= total else ""
-    return (f"\rtrain {step}/{total} [{'=' * filled}{' ' * (width - filled)}] loss {loss:.4f} "
-            f"{steps_per_sec:.2f} steps/s{end}")
-
-
 class MetricsLog:
     """Collects per-step metrics and writes their mean every `every` steps."""
 
@@ -58,7 +51,7 @@ class MetricsLog:
         self._pending: list[dict] = []
         self._window_start = time.perf_counter()
         self._writer = _tensorboard_writer(workdir / "tensorboard")
-        self.total_steps = total_steps
+        self.bar = ProgressBar(total_steps, label="train")
         self.last: dict[str, float] = {}
 
     def add(self, step: int, metrics: dict) -> None:
@@ -81,8 +74,7 @@ class MetricsLog:
             for key, value in row.items():
                 if key != "step":
                     self._writer.add_scalar(f"train/{key}", value, step)
-        sys.stderr.write(progress_line(step, self.total_steps, row["loss"], row["steps_per_sec"]))
-        sys.stderr.flush()
+        self.bar.show(step, f"loss {row['loss']:.4f} {row['steps_per_sec']:.2f} steps/s")
         self.last, self._pending, self._window_start = row, [], time.perf_counter()
 
     def close(self) -> None:

@@ -7,30 +7,21 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from sdjax import schedules
 from sdjax.errors import ConfigError
-from sdjax.models import configs as model_configs
-from sdjax.pipeline import (
-    ModelConfigs,
-    Pipeline,
-    example_inputs,
-    build_module,
-    to_unit_range,
-)
+from sdjax.images import to_unit_range
+from sdjax.models.components import COMPONENTS
 from sdjax.train.config import TrainConfig
 from sdjax.train.latents import make_moments_encoder
 from sdjax.train.losses import LossFn, make_diffusion_loss, make_vae_loss
-from sdjax.weights.diffusers_folder import MODEL_COMPONENTS
 
-PRESETS = {
-    "unet": {"tiny": model_configs.TINY_UNET, "sd15": model_configs.SD15_UNET, "sd21": model_configs.SD21_UNET},
-    "vae": {"tiny": model_configs.TINY_VAE, "sd": model_configs.SD_VAE},
-}
+if TYPE_CHECKING:  # the base model is a loaded Pipeline; training sits below it and only reads its fields
+    from sdjax.pipeline import Pipeline
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 DECODER_PARTS = ("post_quant_conv", "decoder")  # the VAE params vae_loss.decoder_only trains
 
@@ -41,7 +32,7 @@ class Task:
     `trainable` and `frozen` are the parts the loss trains and reads; `fingerprint` identifies the architecture
     of what is trained, so a checkpoint of another model is never resumed."""
     stage: str
-    configs: ModelConfigs
+    configs: dict[str, Any]
     raw_configs: dict[str, dict | None]
     scheduler_config: dict[str, Any]
     initial_params: dict[str, Any]
@@ -55,22 +46,16 @@ class Task:
 
 def component_config(name: str, choice: str, base_config):
     """The architecture of component `name`: the base model's ("") or a preset / config.json for a new one."""
+    component = COMPONENTS[name]
     if not choice:
         return base_config
-    if choice in PRESETS[name]:
-        return PRESETS[name][choice]
+    if choice in component.presets:
+        return component.presets[choice]
     path = Path(choice)
     if not path.is_file():
-        raise ConfigError(f"model.{name}_config = {choice!r} is neither a preset ({', '.join(PRESETS[name])}) "
+        raise ConfigError(f"model.{name}_config = {choice!r} is neither a preset ({', '.join(component.presets)}) "
                           f"nor an existing config.json")
-    return MODEL_COMPONENTS[name].config_class.from_dict(json.loads(path.read_text()), source=str(path))
-
-
-def init_params(name: str, config, key) -> Any:
-    """Freshly initialised float32 params of component `name`."""
-    module = build_module(name, config, jnp.float32, "einsum")
-    inputs = [jnp.zeros(s.shape, s.dtype) for s in example_inputs(name, config)]
-    return jax.jit(module.init)(key, *inputs)["params"]
+    return component.config_class.from_dict(json.loads(path.read_text()), source=str(path))
 
 
 def training_scheduler_config(base: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
@@ -99,9 +84,9 @@ def _new_architectures(config: TrainConfig) -> dict[str, str]:
     return {"unet": config.model.unet_config, "vae": config.model.vae_config, "text_encoder": ""}
 
 
-def architectures(config: TrainConfig, base: Pipeline) -> dict[str, Any]:
+def architectures(config: TrainConfig, base: "Pipeline") -> dict[str, Any]:
     """The config of each component: the base model's, or the new architecture the run trains from scratch."""
-    arch = {name: component_config(name, choice, getattr(base.configs, name))
+    arch = {name: component_config(name, choice, base.configs[name])
             for name, choice in _new_architectures(config).items()}
     _check_compatible(arch["unet"], arch["vae"], arch["text_encoder"])
     factor = arch["vae"].downscale_factor
@@ -127,19 +112,19 @@ def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
             "architecture": {name: value.to_dict() for name, value in arch.items()}}
 
 
-def build_task(config: TrainConfig, base: Pipeline, key) -> Task:
+def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
     """Assemble the run's Task; components given a new architecture are initialised from `key`."""
     model = config.model
     arch, new = architectures(config, base), _new_architectures(config)
-    params = {name: init_params(name, arch[name], jax.random.fold_in(key, i)) if new[name] else base.params[name]
+    params = {name: COMPONENTS[name].init(arch[name], jax.random.fold_in(key, i)) if new[name] else base.params[name]
               for i, name in enumerate(new)}
     dtype = _DTYPES[model.compute_dtype]
-    modules = {name: build_module(name, arch[name], dtype, model.attention).clone(param_dtype=jnp.float32)
+    modules = {name: COMPONENTS[name].build(arch[name], dtype, model.attention).clone(param_dtype=jnp.float32)
                for name in new}
     modules["unet"] = modules["unet"].clone(remat=model.remat)
     scheduler = training_scheduler_config(base.scheduler_config, config)
     trained = trained_components(config)
-    common = {"stage": config.stage, "configs": ModelConfigs(**arch), "scheduler_config": scheduler,
+    common = {"stage": config.stage, "configs": arch, "scheduler_config": scheduler,
               "raw_configs": {name: None if new[name] else base.raw_configs.get(name) for name in new},
               "initial_params": params, "trainable": {name: params[name] for name in trained},
               "fingerprint": fingerprint(config, arch)}
@@ -158,7 +143,7 @@ def build_task(config: TrainConfig, base: Pipeline, key) -> Task:
         prediction_type=scheduler.get("prediction_type", "epsilon"), config=config.diffusion,
         vae_config=arch["vae"], empty_ids=base.tokenize([""])[0])
     # Latents are encoded by the frozen VAE outside the differentiated step, in float32.
-    encode = make_moments_encoder(build_module("vae", arch["vae"], jnp.float32, model.attention))
+    encode = make_moments_encoder(COMPONENTS["vae"].build(arch["vae"], jnp.float32, model.attention))
     to_moments = ((lambda host: jnp.asarray(host["moments"])) if config.data.cache_latents
                   else (lambda host: encode(params["vae"], host["pixels"])))
     return Task(**common, frozen={} if "text_encoder" in trained else {"text_encoder": params["text_encoder"]},

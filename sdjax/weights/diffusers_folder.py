@@ -5,7 +5,6 @@ scheduler/). Components other than these (safety checker, feature extractor) are
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -15,28 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import ConfigError, MissingComponentError
-from sdjax.models import configs
+from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.weights import keymap, tensors
-
-
-@dataclasses.dataclass(frozen=True)
-class ComponentSpec:
-    """How one model component is stored: its config class and the class names diffusers writes.
-
-    `base_model_prefix`: the top-level module name that transformers may leave out of its keys
-    (transformers 5 saves CLIPTextModel without `text_model.`; SD checkpoints and older versions keep it).
-    """
-    config_class: type
-    class_name: str
-    library: str
-    base_model_prefix: str | None = None
-
-
-MODEL_COMPONENTS = {
-    "unet": ComponentSpec(configs.UNetConfig, "UNet2DConditionModel", "diffusers"),
-    "vae": ComponentSpec(configs.VAEConfig, "AutoencoderKL", "diffusers"),
-    "text_encoder": ComponentSpec(configs.CLIPTextConfig, "CLIPTextModel", "transformers", "text_model"),
-}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -60,7 +39,7 @@ def read_model_index(folder: Path) -> dict[str, Any]:
             f"{folder} is not a diffusers pipeline folder: {index_path.name} is missing. Pass the folder that "
             f"holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
     index = read_json(index_path)
-    for name in (*MODEL_COMPONENTS, "tokenizer", "scheduler"):
+    for name in (*STABLE_DIFFUSION, "tokenizer", "scheduler"):
         if name not in index or not index[name] or index[name][0] is None:
             raise MissingComponentError(f"{index_path}: component {name!r} is not listed; sdjax needs it")
         if not (folder / name).is_dir():
@@ -68,23 +47,26 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def read_config(folder: Path, name: str):
-    """The frozen config dataclass of component `name` and the raw dict it came from."""
-    spec = MODEL_COMPONENTS[name]
-    path = folder / name / "config.json"
+def read_config(folder: Path, name: str, *, hint: str = ""):
+    """The frozen config dataclass of component `name` stored in `folder` (its config.json) and the raw dict it
+    came from; `hint` ends the error for a config of another class."""
+    component = COMPONENTS[name]
+    path = folder / "config.json"
     raw = read_json(path)
     declared = raw.get("_class_name") or (raw.get("architectures") or [None])[0]
-    if declared is not None and declared != spec.class_name:
-        raise ConfigError(f"{path}: component {name!r} is a {declared}; sdjax reads {spec.class_name} here")
-    return spec.config_class.from_dict(raw, source=str(path)), raw
+    if declared is not None and declared != component.class_name:
+        raise ConfigError(f"{path}: component {name!r} is a {declared}; sdjax reads {component.class_name} here"
+                          f"{hint}")
+    return component.config_class.from_dict(raw, source=str(path)), raw
 
 
-def load_params(folder: Path, name: str, expected: Any, *, dtype=jnp.float32, variant: str | None = None):
-    """Flax params of component `name`, shaped like `expected` (from `jax.eval_shape` of the module's init)."""
-    files = tensors.find_weight_files(folder / name, variant)
-    state = with_base_prefix(tensors.read_weights(files), MODEL_COMPONENTS[name].base_model_prefix)
+def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: str | None = None):
+    """Flax params of component `name` with `config`, from the weight files in `folder`."""
+    component = COMPONENTS[name]
+    files = tensors.find_weight_files(folder, variant)
+    state = with_base_prefix(tensors.read_weights(files), component.base_model_prefix)
     source = ", ".join(str(f) for f in files)
-    return keymap.params_from_state_dict(state, expected, source=source, dtype=np.dtype(dtype))
+    return keymap.params_from_state_dict(state, component.param_shapes(config), source=source, dtype=np.dtype(dtype))
 
 
 def with_base_prefix(state: dict, prefix: str | None) -> dict:
@@ -97,21 +79,20 @@ def with_base_prefix(state: dict, prefix: str | None) -> dict:
 def write_component(folder: Path, name: str, config, raw_config: dict | None, params: Any, *,
                     dtype=np.float32) -> None:
     """Write one component (config.json + weights) in the layout diffusers/transformers load."""
-    spec = MODEL_COMPONENTS[name]
+    component = COMPONENTS[name]
     target = folder / name
     target.mkdir(parents=True, exist_ok=True)
-    meta = ({"_class_name": spec.class_name} if spec.library == "diffusers"
-            else {"architectures": [spec.class_name], "model_type": "clip_text_model"})
+    meta = ({"_class_name": component.class_name} if component.library == "diffusers"
+            else {"architectures": [component.class_name], "model_type": "clip_text_model"})
     config_json = {**(raw_config or {}), **meta, **config.to_dict()}
     write_json(target / "config.json", config_json)
     state = {k: v.astype(dtype) for k, v in keymap.state_dict_from_params(jax.device_get(params)).items()}
-    filename = "diffusion_pytorch_model.safetensors" if spec.library == "diffusers" else "model.safetensors"
-    tensors.write_safetensors(target / filename, state, metadata={"format": "pt"})
+    tensors.write_safetensors(target / f"{component.weights_name}.safetensors", state, metadata={"format": "pt"})
 
 
 def write_model_index(folder: Path, scheduler_class: str, pipeline_class: str = "StableDiffusionPipeline"):
     index = {"_class_name": pipeline_class,
-             **{name: [spec.library, spec.class_name] for name, spec in MODEL_COMPONENTS.items()},
+             **{name: [COMPONENTS[name].library, COMPONENTS[name].class_name] for name in STABLE_DIFFUSION},
              "tokenizer": ["transformers", "CLIPTokenizer"],
              "scheduler": ["diffusers", scheduler_class],
              "safety_checker": [None, None], "feature_extractor": [None, None],

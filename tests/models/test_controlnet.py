@@ -19,7 +19,8 @@ from flax import traverse_util
 from sdjax.errors import ConfigError, InvalidArgumentError, WeightsError
 from sdjax.models import configs
 from sdjax.models.controlnet import (SD15_CONTROLNET, SD21_CONTROLNET, ControlNetConfig, ControlNetModel,
-                                     config_for_unet, param_shapes, sum_residuals)
+                                     config_for_unet, sum_residuals)
+from sdjax.models.components import COMPONENTS
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.weights import keymap, tensors
 from sdjax.weights.controlnet_folder import load_controlnet
@@ -94,7 +95,7 @@ def _keys(shapes):
 def test_parameter_names_and_count_match_diffusers(config):
     with torch.device("meta"):
         torch_model = TorchControlNet(**config.to_dict())
-    shapes = param_shapes(config)
+    shapes = COMPONENTS["controlnet"].param_shapes(config)
     assert _keys(shapes) == set(torch_model.state_dict())
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == sum(
         p.numel() for p in torch_model.parameters())

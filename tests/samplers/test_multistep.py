@@ -5,6 +5,7 @@
   with the mixture's eps model in VP scaling (sigma = sqrt((1 - a) / a), x_VE = x_VP sqrt(1 + sigma^2)), on the
   scheduler's own sigma grid.
 * ipndm: an independent loop of ComfyUI's algorithm, agreement with lms on equal steps, convergence order.
+* res_multistep: an independent NumPy loop of ComfyUI's algorithm, convergence order on a known ODE.
 Every run also checks the evaluation count against `fn.nfe`. References run in float64; float32 runs of ours
 are compared with the same float64 references.
 """
@@ -17,8 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.errors import InvalidArgumentError
-from sdjax.samplers import SAMPLERS, multistep
-from sdjax.samplers.common import exp_remainder, step_noise
+from sdjax.samplers import SAMPLERS, multistep, unipc
+from sdjax.samplers.common import step_noise
+from sdjax.samplers.exponential import exp_remainder
 from tests import kdiffusion_ref
 from tests.samplers.mixture import default_mixture
 
@@ -214,7 +216,8 @@ DPM_SOLVER_CASES = [   # steps, algorithm_type, solver_order, solver_type, lower
 
 
 def dpm_solver_equivalent(steps, algorithm, order, solver_type, lower_order_final, euler_at_final):
-    """The sampler and options that reproduce a DPMSolverMultistepScheduler config (see multistep's docstring)."""
+    """The sampler and options that reproduce a DPMSolverMultistepScheduler config (see scheduler_config's
+    SCHEDULER_CLASSES)."""
     options = dict(solver_type=solver_type, lower_order_final=lower_order_final and steps < 15,
                    euler_at_final=euler_at_final)
     if algorithm == "sde-dpmsolver++":
@@ -287,9 +290,56 @@ def test_ipndm_converges_with_order_about_four_on_equal_steps():
     assert mean_order > 3.5, f"errors {errors}"
 
 
+# ---- res_multistep -------------------------------------------------------------------------------------------------
+
+def res_multistep_loop(sigmas):
+    """ComfyUI's sample_res_multistep (eta = 0) restated as a plain float64 NumPy loop, in its own notation:
+    t = -log sigma, phi functions of -h, c2 placing the previous evaluation in units of h, Euler first and last."""
+    phi_1 = lambda z: np.expm1(z) / z
+    phi_2 = lambda z: (phi_1(z) - 1) / z
+    x, old_denoised = START * sigmas[0], None
+    for i in range(len(sigmas) - 1):
+        denoised = MIXTURE.denoise_torch(torch.from_numpy(x), sigmas[i]).numpy()
+        if sigmas[i + 1] == 0 or old_denoised is None:
+            x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+        else:
+            t, t_next, t_prev = -np.log(sigmas[i]), -np.log(sigmas[i + 1]), -np.log(sigmas[i - 1])
+            h = t_next - t
+            c2 = (t_prev - t) / h
+            b2 = phi_2(-h) / c2
+            b1 = phi_1(-h) - b2
+            x = np.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+        old_denoised = denoised
+    return x
+
+
+@pytest.mark.parametrize("dtype, final", [(np.float64, "zero"), (np.float32, "zero"), (np.float64, "sigma_min")])
+def test_res_multistep_matches_comfyui_algorithm(dtype, final):
+    sigmas = karras_grid(12, final)
+    check("res_multistep", sigmas, res_multistep_loop(sigmas), dtype)
+
+
+def test_res_multistep_converges_with_order_two():
+    """On one Gaussian, data N(0, s^2), the ODE solution is x(sigma) = x_T sqrt(s^2 + sigma^2) / sqrt(s^2 +
+    sigma_T^2): the error at the grid's end falls 2^2 per doubling of the steps."""
+    from sdjax import schedules
+    s = 0.5
+    errors = []
+    with jax.enable_x64(True):
+        for steps in (32, 64, 128):
+            sigmas = schedules.karras(steps, 0.03, 14.6)[:-1]
+            x = SAMPLERS["res_multistep"](lambda x, sigma: x * s**2 / (s**2 + sigma**2), jnp.full((2,), 3.0),
+                                          jnp.asarray(sigmas))
+            exact = 3.0 * np.sqrt(s**2 + sigmas[-1] ** 2) / np.sqrt(s**2 + sigmas[0] ** 2)
+            errors.append(abs(float(x[0]) - exact))
+    orders = np.log2(np.asarray(errors[:-1]) / np.asarray(errors[1:]))
+    assert np.all(np.abs(orders - 2.0) < 0.3), f"errors {errors}"
+
+
 # ---- tracing, recompilation, options -------------------------------------------------------------------------------
 
-MULTISTEP_NAMES = sorted(multistep.SAMPLERS)
+MULTISTEP_NAMES = sorted(name for name, fn in SAMPLERS.items()
+                         if fn.__module__ in (multistep.__name__, unipc.__name__))
 
 
 @pytest.mark.parametrize("name", MULTISTEP_NAMES)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sdjax.errors import InvalidArgumentError
-from sdjax.samplers import singlestep
+from sdjax.samplers import SAMPLERS, singlestep
 from sdjax.samplers.common import step_noise, substep_noise
 from tests import kdiffusion_ref
 from tests.samplers.mixture import Mixture, default_mixture
@@ -70,7 +70,7 @@ def test_deterministic_samplers_match_kdiffusion(name, options, dtype):
     sigmas = karras_sigmas(10)
     with precision(dtype):
         x = prior_batch(dtype)
-        ours = singlestep.SAMPLERS[name](MIXTURE.denoise_jax, x, jnp.asarray(sigmas, dtype), **options)
+        ours = SAMPLERS[name](MIXTURE.denoise_jax, x, jnp.asarray(sigmas, dtype), **options)
         assert ours.dtype == jnp.dtype(dtype)
     assert relative_error(ours, run_kdiffusion(name, x, sigmas, **options)) < TOLERANCE[dtype]
 
@@ -81,7 +81,7 @@ def test_grid_ending_above_zero_takes_a_full_last_step(name):
     options = {"eta": 0.0} if name == "dpmpp_sde" else {}
     with jax.enable_x64(True):
         x = prior_batch("float64")
-        ours = singlestep.SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, **options)
+        ours = SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, **options)
     assert relative_error(ours, run_kdiffusion(name, x, sigmas, **options)) < TOLERANCE["float64"]
 
 
@@ -120,7 +120,7 @@ def test_churn_matches_kdiffusion_with_the_same_noise(name, monkeypatch):
     options = {"s_churn": 2.0, "s_tmin": 0.1, "s_tmax": 5.0, "s_noise": 1.003}
     with jax.enable_x64(True):
         x = prior_batch("float64")
-        ours = singlestep.SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, KEY, **options)
+        ours = SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, KEY, **options)
         feed = NoiseFeed(x)
         monkeypatch.setattr(torch, "randn_like", lambda like: feed())   # k-diffusion's churn draws one per step
         reference = run_kdiffusion(name, x, sigmas, **options)
@@ -135,7 +135,7 @@ def test_ancestral_matches_kdiffusion_with_the_same_noise(name, feed_type):
     options = {"eta": 0.8, "s_noise": 0.9}
     with jax.enable_x64(True):
         x = prior_batch("float64")
-        ours = singlestep.SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, KEY, **options)
+        ours = SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, KEY, **options)
         reference = run_kdiffusion(name, x, sigmas, noise_sampler=feed_type(x), **options)
     assert relative_error(ours, reference) < TOLERANCE["float64"]
 
@@ -271,7 +271,7 @@ STOCHASTIC_IDS = [name for name, _ in STOCHASTIC]
 @functools.cache
 def compiled_sampler(name, options):
     """One jitted sampler per case, shared by the tests below (compiling dominates their cost)."""
-    return jax.jit(lambda x, sigmas, key: singlestep.SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, key,
+    return jax.jit(lambda x, sigmas, key: SAMPLERS[name](MIXTURE.denoise_jax, x, sigmas, key,
                                                                     **dict(options)))
 
 
@@ -343,7 +343,7 @@ class CountingDenoiser:
 def test_tracing_cost_is_independent_of_the_step_count(name, options):
     def traced_calls(steps):
         denoise = CountingDenoiser()
-        sampler = lambda x, sigmas: singlestep.SAMPLERS[name](denoise, x, sigmas, KEY, **options)
+        sampler = lambda x, sigmas: SAMPLERS[name](denoise, x, sigmas, KEY, **options)
         jax.make_jaxpr(sampler)(jnp.zeros((2, 2)), jnp.asarray(karras_sigmas(steps)))
         return denoise.traced
 
@@ -357,14 +357,14 @@ def test_a_new_grid_of_the_same_length_reuses_the_compiled_sampler_and_nfe_is_ex
     @jax.jit
     def run(x, sigmas):
         traces.append(1)
-        return singlestep.SAMPLERS[name](denoise, x, sigmas, KEY, **options)
+        return SAMPLERS[name](denoise, x, sigmas, KEY, **options)
 
     x, sigmas = prior_batch("float32", 2), jnp.asarray(karras_sigmas(7))
     for grid in (sigmas, sigmas * 0.9):
         jax.block_until_ready(run(x, grid))
     jax.effects_barrier()
     assert len(traces) == 1
-    nfe = singlestep.SAMPLERS[name].nfe
+    nfe = SAMPLERS[name].nfe
     if nfe is None:   # dpm_adaptive: whole trials of `order` calls, plus the final jump to 0, per run
         assert denoise.executed % 3 == 2
     else:
@@ -387,14 +387,14 @@ def test_a_new_grid_of_the_same_length_reuses_the_compiled_sampler_and_nfe_is_ex
 ])
 def test_invalid_options_name_the_argument(name, options, mentions):
     with pytest.raises(InvalidArgumentError, match=mentions):
-        singlestep.SAMPLERS[name](MIXTURE.denoise_jax, jnp.zeros((2, 2)), karras_sigmas(3), KEY, **options)
+        SAMPLERS[name](MIXTURE.denoise_jax, jnp.zeros((2, 2)), karras_sigmas(3), KEY, **options)
 
 
 @pytest.mark.parametrize("name,options", [("euler", {"s_churn": 1.0}), ("euler_ancestral", {}), ("ddpm", {}),
                                           ("lcm", {}), ("dpmpp_sde", {})])
 def test_stochastic_sampler_without_a_key_says_so(name, options):
     with pytest.raises(InvalidArgumentError, match="key"):
-        singlestep.SAMPLERS[name](MIXTURE.denoise_jax, jnp.zeros((2, 2)), karras_sigmas(3), None, **options)
+        SAMPLERS[name](MIXTURE.denoise_jax, jnp.zeros((2, 2)), karras_sigmas(3), None, **options)
 
 
 def test_ascending_grid_is_rejected():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.samplers import SAMPLERS, stepping
+from sdjax.samplers import get_sampler, stepping
 
 SIGMAS = jnp.asarray([14.6, 6.0, 2.5, 1.0, 0.4, 0.1, 0.0])
 SAMPLER_NAMES = ["euler", "euler_ancestral", "heun", "dpm_2", "lms", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde",
@@ -23,13 +23,13 @@ def run_windows(name, x, key, windows):
     def call(start, stop, resume, carry):
         w = stepping.Window(start, stop, resume, carry)
         with stepping.window(w):
-            out = SAMPLERS[name](denoise, x, SIGMAS, key)
+            out = get_sampler(name)(denoise, x, SIGMAS, key)
         return out, w.final_carry
 
     def discover(start, stop, resume):
         w = stepping.Window(start, stop, resume)
         with stepping.window(w):
-            SAMPLERS[name](denoise, x, SIGMAS, key)
+            get_sampler(name)(denoise, x, SIGMAS, key)
         return w.final_carry
 
     carry = jax.tree.map(jnp.zeros_like, jax.eval_shape(discover, 0, 1, False))
@@ -43,7 +43,7 @@ def run_windows(name, x, key, windows):
 def test_windows_reproduce_the_whole_run_bitwise(name, windows):
     x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4)) * SIGMAS[0]
     key = jax.random.key(1)
-    whole = jax.jit(lambda: SAMPLERS[name](denoise, x, SIGMAS, key))()
+    whole = jax.jit(lambda: get_sampler(name)(denoise, x, SIGMAS, key))()
     np.testing.assert_array_equal(run_windows(name, x, key, windows), whole)
 
 

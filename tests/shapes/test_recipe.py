@@ -18,7 +18,7 @@ def test_the_smoke_recipe_trains_both_stages_and_packages_a_model(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "package"
     first = recipe(workdir, out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("refine", "unet"), ("decoder", "vae")):
+    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("decoder", "vae")):
         assert json.loads((workdir / stage / "config.json").read_text())["stage"] == kind
         assert (workdir / stage / "export" / "model_index.json").is_file()
     scale = json.loads((workdir / "base" / "vae" / "config.json").read_text())["scaling_factor"]

@@ -62,7 +62,7 @@ def test_vae_stage_loss_goes_down(tiny_overrides, compilation_cache, tmp_path):
                           "optimizer.warmup_steps=0")
     losses = read_losses(tmp_path / "vae")
     assert result.step == 12 and losses[12] < 0.9 * losses[1], losses
-    assert sdjax.load_pipeline(result.export_dir).configs.vae.block_out_channels == (32, 64)
+    assert sdjax.load_pipeline(result.export_dir).configs["vae"].block_out_channels == (32, 64)
 
 
 def _snapshot(folder):
@@ -85,17 +85,13 @@ def test_bad_data_fails_before_the_workdir_is_written(tiny_overrides, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_sample_grid_from_the_trained_weights(reference_run, tmp_path, caplog):
+def test_sample_grid_from_the_trained_weights(reference_run, tmp_path):
     from sdjax.images import load_image
     from sdjax.train.export import save_sample_grid
     pipeline = sdjax.load_pipeline(reference_run[0] / "export")
     path = save_sample_grid(pipeline, tmp_path / "grid.png", ["a photo of red", "a photo of blue"], size=16, steps=2,
                             guidance_scale=3.0, seed=0)
     assert load_image(path).shape == (16, 32, 3)
-    with caplog.at_level("INFO", logger="sdjax.train"):
-        assert save_sample_grid(object(), tmp_path / "none.png", ["x"], size=16, steps=2, guidance_scale=1.0,
-                                seed=0) is None
-    assert "Pipeline.generate is not available" in caplog.text and not (tmp_path / "none.png").exists()
 
 
 def test_every_loss_option_together_in_bfloat16(tiny_overrides, compilation_cache, sd1_folder, tmp_path):
