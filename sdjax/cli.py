@@ -40,7 +40,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                                           "config, as diffusers would run it")
     parser.add_argument("--schedule", help="sigma schedule (karras, normal, exponential, ...); default: "
                                            "'normal' with --sampler, else the scheduler config's")
-    parser.add_argument("--cfg", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    parser.add_argument("--cfg", type=float, default=None,
+                        help="classifier-free guidance scale (default 7.5; 3 for the embedded shapes model)")
     parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     parser.add_argument("-n", "--count", type=int, default=1, help="number of images")
@@ -242,7 +243,8 @@ def write_images(args, result) -> None:
     for path, image, seed in zip(paths, result.images, result.seeds):
         text = image_io.a1111_parameters(args.prompt, args.negative, {
             "Steps": result.settings["steps"], "Sampler": result.settings["sampler"],
-            "Schedule type": result.settings["schedule"], "CFG scale": args.cfg, "Seed": seed,
+            "Schedule type": result.settings["schedule"],
+            "CFG scale": f"{result.settings['guidance_scale']:g}", "Seed": seed,
             "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name if args.model else "sdjax-shapes",
             "Guidance rescale": args.rescale or None, "Clip skip": args.clip_skip,
             "Denoising strength": getattr(args, "strength", None),

@@ -15,6 +15,7 @@ from typing import Sequence
 EMBEDDED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
 DOMAIN = "one circle, square or triangle in red, green, blue, yellow, purple, orange, white or black on a plain " \
          "background"
+GUIDANCE_SCALE = 3.0  # its best guidance scale (experiments/shapes/results); SD checkpoints' usual 7.5 oversaturates it
 _WORD = re.compile(r"[a-z]+")
 
 

@@ -119,7 +119,7 @@ class Pipeline:
         return plan_from_names(sampler, schedule, steps, self.alphas_cumprod, sampler_options)
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 30, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
+                 steps: int = 30, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                  sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
                  seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
                  width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
@@ -130,12 +130,15 @@ class Pipeline:
         seeds gives one image per seed); `latents` (N, h, w, c) replaces that noise, unscaled, as diffusers'
         `latents` argument does.
 
+        guidance_scale: classifier-free guidance; default 7.5 (3 for the embedded shapes model).
         control: ControlNet conditioning (`sdjax.Control`, or a list of them, whose residuals add up);
         guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
         edit: start from an image, and repaint only inside a mask (`Edit`; `img2img` and `inpaint` say more).
         """
+        if guidance_scale is None:
+            guidance_scale = embedded.GUIDANCE_SCALE if self.is_embedded else 7.5
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
         if edit is not None:
             pixels = to_unit_range(edit.image)

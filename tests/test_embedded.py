@@ -27,6 +27,7 @@ def test_load_pipeline_without_a_model_loads_the_embedded_one(pipeline):
     result = pipeline.generate("a red circle on a blue background", steps=4)
     assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
     assert result.settings["sampler"] == "dpmpp_2m"  # the folder's DPMSolverMultistep (Karras) config
+    assert result.settings["guidance_scale"] == 3.0  # its own best scale, not SD's 7.5
     assert pipeline.generate("a red circle", steps=2, seeds=[3, 4, 5]).images.shape == (3, 64, 64, 3)
 
 
