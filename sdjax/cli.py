@@ -6,6 +6,7 @@ a second with a clear message and leaves no file behind.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -280,6 +281,8 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     warnings.formatwarning = one_line_warning
+    # sdjax uses transformers for tokenizers only, so its advice that PyTorch is missing is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if argv[:1] == ["train"]:
         from sdjax.train.cli import main as train_main
         return train_main(argv[1:])
