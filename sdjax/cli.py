@@ -59,7 +59,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bitwise the same image for a seed whatever the batch (runs images one by one)")
     parser.add_argument("--no-compile-cache", action="store_true",
                         help="do not use the persistent compilation cache")
-    parser.add_argument("--cache-dir", help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {compile_cache.DEFAULT_CACHE})")
+    parser.add_argument("--cache-dir",
+                        help=f"compilation cache folder (default $SDJAX_CACHE_DIR or {compile_cache.DEFAULT_CACHE})")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar over sampler steps (default: when stderr is a terminal); "
                              "adaptive samplers (dpm_adaptive) show none")

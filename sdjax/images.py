@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 from typing import Mapping
 
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image, PngImagePlugin
 
@@ -105,10 +104,10 @@ def to_unit_interval(array, name: str = "image") -> np.ndarray:
     return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else _checked_float(array, 0.0, name)
 
 
-def to_unit_range(images, name: str = "image"):
-    """Images as a float32 jax array in [-1, 1]: any `image_batch` input; uint8 is rescaled, floats must already be
-    in [-1, 1] (the VAE's range)."""
+def to_unit_range(images, name: str = "image") -> np.ndarray:
+    """Images as float32 (N, H, W, 3) in [-1, 1]: any `image_batch` input; uint8 is rescaled, floats must already
+    be in [-1, 1] (the VAE's range)."""
     array = image_batch(images, name)
     if array.dtype == np.uint8:
-        return jnp.asarray(array, jnp.float32) / 127.5 - 1.0
-    return jnp.asarray(_checked_float(array, -1.0, name))
+        return array.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)  # as XLA computes x / 127.5 - 1
+    return _checked_float(array, -1.0, name)

@@ -88,9 +88,12 @@ class Pipeline:
         return jnp.asarray(rows, jnp.int32)
 
     def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
-        """Scaled latents (N, h, w, C) of images (uint8 N,H,W,3 or float in [-1, 1]): the posterior mean, or a
-        sample of the posterior when `key` is given."""
-        pixels = to_unit_range(images)
+        """Scaled latents (N, h, w, C) of images (see `images.image_batch`: uint8, or float in [-1, 1]): the
+        posterior mean, or a sample of the posterior when `key` is given."""
+        return self._encode_checked(to_unit_range(images), key)
+
+    def _encode_checked(self, pixels, key=None) -> jax.Array:
+        """encode_image of pixels already in [-1, 1], (N, H, W, 3)."""
         factor = self.configs["vae"].downscale_factor
         if pixels.shape[1] % factor or pixels.shape[2] % factor:
             raise InvalidArgumentError(f"image size {pixels.shape[2]}x{pixels.shape[1]} must be a multiple of "
@@ -154,7 +157,7 @@ class Pipeline:
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
         if edit is not None:
             images = broadcast_batch(pixels, request.count, "image")
-            inputs["image_latents"] = self.encode_image(images)
+            inputs["image_latents"] = self._encode_checked(images)
             if edit.mask is not None:
                 inputs.update(self._mask_inputs(edit.mask, images, request.count))
                 spec["inpaint"] = "channels" if self.is_inpainting_model else "blend"
@@ -164,7 +167,8 @@ class Pipeline:
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
                 noise=None, **settings) -> "GenerationResult":
         """Image to image: the image's latents are noised to the `strength` point of the schedule and denoised
-        from there (strength 1 ignores the image). `image`: uint8 (N or 1, H, W, 3); the VAE posterior mean
+        from there (strength 1 ignores the image). `image`: a path, a PIL image or an array
+        (H, W, 3) or (N or 1, H, W, 3), uint8 or float in [-1, 1]; the VAE posterior mean
         is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise;
         `settings` are generate's."""
         return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, None, strength), **settings)
@@ -198,7 +202,7 @@ class Pipeline:
         inputs = {"mask": jnp.asarray(latent_mask)}
         if self.is_inpainting_model:
             masked = np.asarray(images) * (binary[..., None] < 0.5)
-            inputs["masked_image_latents"] = self.encode_image(masked)
+            inputs["masked_image_latents"] = self._encode_checked(masked)
         return inputs
 
     def _request(self, prompt, negative_prompt, num_images, seed, seeds, height, width) -> "Request":
@@ -386,8 +390,9 @@ class Pipeline:
 
 @dataclasses.dataclass(frozen=True)
 class Edit:
-    """What img2img and inpaint add to a generation: the starting image (uint8 (N or 1, H, W, 3), or float in
-    [-1, 1]), an optional mask (repaint where white) and the strength (the fraction of the schedule run)."""
+    """What img2img and inpaint add to a generation: the starting image (anything `images.image_batch` takes,
+    uint8 or float in [-1, 1]), an optional mask (repaint where white) and the strength (the fraction of the
+    schedule run)."""
     image: Any
     mask: Any = None
     strength: float = 1.0  # checked by SamplingPlan.for_strength

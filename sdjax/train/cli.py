@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         if args.print_config:
             print(json.dumps(config_lib.to_dict(config), indent=2))
             return 0
-        from sdjax.train.loop import train  # jax and the models load only when training
+        from sdjax.train.loop import train  # the models and the loop load only when training
         if not args.no_compile_cache:
             from sdjax import compile_cache
             compile_cache.enable()
