@@ -6,7 +6,9 @@ a second with a clear message and leaves no file behind.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -31,21 +33,44 @@ def _unit_interval(text: str) -> float:
     return value
 
 
+def seed_list(text: str) -> list[int]:
+    """"7" (the first image's seed), "1,5,9" (one image per seed) or "10-13" (a range, inclusive), combinable."""
+    seeds = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        try:
+            low = int(first)
+            seeds += list(range(low, int(last) + 1)) if dash else [low]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"seed must be an integer, a list (1,5,9) or a range (10-13), got "
+                                             f"{text!r}") from None
+        if dash and int(last) < low:
+            raise argparse.ArgumentTypeError(f"seed range {part!r} runs backwards; write {last}-{first}")
+    return seeds
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="what to draw")
-    parser.add_argument("--negative", default="", help="what to avoid (negative prompt)")
+    parser.add_argument("--negative-prompt", "--negative", dest="negative_prompt", default="",
+                        help="what to avoid")
     parser.add_argument("--model", help="diffusers-layout folder or hub id (default: the small shapes model that "
                                         "ships inside sdjax)")
-    parser.add_argument("--steps", type=int, default=30, help="sampling steps (default 30)")
-    parser.add_argument("--sampler", help="sampler name (euler, dpmpp_2m, ...); default: the model's scheduler "
-                                          "config, as diffusers would run it")
-    parser.add_argument("--schedule", help="sigma schedule (karras, normal, exponential, ...); default: "
-                                           "'normal' with --sampler, else the scheduler config's")
-    parser.add_argument("--cfg", type=float, default=None,
+    parser.add_argument("--steps", type=int, default=30, help="sampling steps")
+    parser.add_argument("--sampler", help="sampler name (`sdjax samplers` lists them); default: the model's "
+                                          "scheduler config, as diffusers would run it")
+    parser.add_argument("--schedule", help="sigma schedule (karras, normal, exponential, ...; `sdjax samplers` "
+                                           "lists them); default: 'normal' with --sampler, else the scheduler config's")
+    parser.add_argument("--guidance-scale", "--cfg-scale", "--cfg", dest="guidance_scale", type=float, default=None,
+                        metavar="SCALE",
                         help="classifier-free guidance scale (default 7.5; 3 for the embedded shapes model)")
-    parser.add_argument("--rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2023)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
-    parser.add_argument("-n", "--count", type=int, default=1, help="number of images")
+    parser.add_argument("--guidance-rescale", "--rescale", dest="guidance_rescale", type=float, default=0.0,
+                        metavar="PHI",
+                        help="guidance rescale phi (Lin et al. 2023)")
+    parser.add_argument("--seed", type=seed_list, default="0", metavar="SEEDS",
+                        help="seed of the first image (image i uses seed + i), or one seed per image: 1,5,9 or "
+                             "10-13")
+    parser.add_argument("-n", "--num-images", "--count", dest="num_images", type=int, default=None, metavar="N",
+                        help="number of images (default: one per --seed given, else 1)")
     parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of the VAE factor (default: the "
                                                   "model's native size)")
     parser.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
@@ -66,25 +91,46 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                              "adaptive samplers (dpm_adaptive) show none")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already says its default or there is none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+GENERATE_EXAMPLES = """examples:
+  sdjax generate "a red circle on a blue background" --out circle.png
+  sdjax generate "a cat" --model path/to/stable-diffusion-v1-5 --sampler dpmpp_2m --schedule karras --steps 20
+  sdjax generate "a small green square at the top" --seed 1-4 --out shapes/ --grid
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX")
-    commands = parser.add_subparsers(dest="command", required=True)
-    generate = commands.add_parser("generate", help="text to image")
+    from sdjax import __version__
+
+    parser = argparse.ArgumentParser(prog="sdjax", description="Stable Diffusion in JAX", formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sdjax {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    command = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
+    generate = command("generate", help="text to image", epilog=GENERATE_EXAMPLES)
     _sampling_arguments(generate)
     generate.set_defaults(func=run_sampling_command, inputs=text_inputs)
-    img2img = commands.add_parser("img2img", help="image to image")
+    img2img = command("img2img", help="image to image")
     _sampling_arguments(img2img)
     img2img.set_defaults(func=run_sampling_command, inputs=img2img_inputs)
     img2img.add_argument("--image", required=True, help="starting image (PNG/JPEG)")
     img2img.add_argument("--strength", type=_unit_interval, default=0.8,
                          help="how much of the schedule to run from the noised image, in [0, 1] (default 0.8)")
-    inpaint = commands.add_parser("inpaint", help="repaint the white part of a mask")
+    inpaint = command("inpaint", help="repaint the white part of a mask")
     _sampling_arguments(inpaint)
     inpaint.set_defaults(func=run_sampling_command, inputs=inpaint_inputs)
     inpaint.add_argument("--image", required=True, help="image to repaint")
     inpaint.add_argument("--mask", required=True, help="mask image, white = repaint, same size as the image")
     inpaint.add_argument("--strength", type=_unit_interval, default=1.0, help="in [0, 1] (default 1)")
-    controlnet = commands.add_parser("controlnet", help="text to image steered by ControlNet(s)")
+    controlnet = command("controlnet", help="text to image steered by ControlNet(s)")
     _sampling_arguments(controlnet)
     controlnet.set_defaults(func=run_sampling_command, inputs=controlnet_inputs)
     controlnet.add_argument("--controlnet", action="append", required=True,
@@ -99,11 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of the steps where each ControlNet stops acting (default 1)")
     controlnet.add_argument("--guess-mode", action="store_true",
                             help="ControlNets act on the conditional half of guidance only")
-    convert = commands.add_parser("convert", help="re-save a diffusers folder (e.g. .bin -> safetensors, dtype)")
+    convert = command("convert", help="re-save a diffusers folder (e.g. .bin -> safetensors, dtype)")
     convert.add_argument("source", help="diffusers folder or hub id")
     convert.add_argument("target", help="new folder")
-    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                         help="dtype of the saved weights")
     convert.set_defaults(func=run_convert)
+    samplers = command("samplers", help="list the samplers and sigma schedules, one line each")
+    samplers.set_defaults(func=run_list_samplers)
     commands.add_parser("train", help="train or fine-tune (see `sdjax train --help`)", add_help=False)
     return parser
 
@@ -137,8 +186,11 @@ def check_sampling_names(args) -> None:
         schedules.get_schedule(args.schedule)
     if args.steps < 1:
         raise SdjaxError(f"--steps must be at least 1, got {args.steps}")
-    if args.count < 1:
-        raise SdjaxError(f"-n must be at least 1, got {args.count}")
+    if args.num_images is not None and args.num_images < 1:
+        raise SdjaxError(f"-n/--num-images must be at least 1, got {args.num_images}")
+    if args.num_images not in (None, 1) and len(args.seed) > 1 and args.num_images != len(args.seed):
+        raise SdjaxError(f"--seed gives {len(args.seed)} seeds but -n/--num-images asks for {args.num_images} "
+                         f"images; give one of them")
 
 
 def control_arguments(args) -> list[tuple]:
@@ -204,6 +256,30 @@ def controlnet_inputs(args) -> dict:
     return {"height": height, "width": width, "control": controls, "guess_mode": args.guess_mode}
 
 
+def seed_arguments(args) -> dict:
+    """generate()'s seed arguments: a list of seeds gives one image each, one seed numbers -n images from it."""
+    if len(args.seed) > 1:
+        return {"seeds": args.seed}
+    return {"seed": args.seed[0], "num_images": args.num_images or 1}
+
+
+def run_list_samplers(args) -> int:
+    from sdjax import schedules
+    from sdjax.samplers import SAMPLERS
+
+    def summary(fn, width: int = 96) -> str:
+        """The docstring's first sentence, on one line."""
+        paragraph = " ".join((fn.__doc__ or "").split("\n\n")[0].split())
+        sentence = re.split(r"(?<!et al)(?<!eq)(?<!\.)\.\s", paragraph)[0].rstrip(".:")
+        return sentence if len(sentence) <= width else sentence[:width - 3].rsplit(" ", 1)[0] + " ..."
+
+    for title, table in (("samplers (--sampler)", SAMPLERS), ("schedules (--schedule)", schedules.SCHEDULES)):
+        print(f"{title}:")
+        for name, fn in sorted(table.items()):
+            print(f"  {name:<19} {summary(fn)}")
+    return 0
+
+
 def run_sampling_command(args) -> int:
     """generate / img2img / inpaint / controlnet: `args.inputs(args)` reads the command's own inputs (images,
     mask, ControlNets) before the model loads; every command is then one `Pipeline.generate` call."""
@@ -226,8 +302,8 @@ def run_sampling_command(args) -> int:
 
     pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention)
     result = pipeline.generate(
-        args.prompt, args.negative, steps=args.steps, guidance_scale=args.cfg, guidance_rescale=args.rescale,
-        sampler=args.sampler, schedule=args.schedule, seed=args.seed, num_images=args.count,
+        args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale, sampler=args.sampler, schedule=args.schedule, **seed_arguments(args),
         clip_skip=args.clip_skip, batch_invariant=args.batch_invariant,
         show_progress=sys.stderr.isatty() if args.progress is None else args.progress, **inputs)
     hits = compile_cache.hits()
@@ -243,12 +319,12 @@ def write_images(args, result) -> None:
 
     paths = output_paths(args.out, result.seeds)
     for path, image, seed in zip(paths, result.images, result.seeds):
-        text = image_io.a1111_parameters(args.prompt, args.negative, {
+        text = image_io.a1111_parameters(args.prompt, args.negative_prompt, {
             "Steps": result.settings["steps"], "Sampler": result.settings["sampler"],
             "Schedule type": result.settings["schedule"],
             "CFG scale": f"{result.settings['guidance_scale']:g}", "Seed": seed,
             "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name if args.model else "sdjax-shapes",
-            "Guidance rescale": args.rescale or None, "Clip skip": args.clip_skip,
+            "Guidance rescale": args.guidance_rescale or None, "Clip skip": args.clip_skip,
             "Denoising strength": getattr(args, "strength", None),
             "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
         image_io.save_png(path, image, text)
@@ -287,7 +363,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["train"]:
         from sdjax.train.cli import main as train_main
         return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     try:
         return args.func(args)
     except SdjaxError as err:

@@ -26,6 +26,15 @@ class InvalidArgumentError(SdjaxError, ValueError):
     """A function argument is out of range or inconsistent with the others."""
 
 
+class NonFiniteOutputError(SdjaxError, FloatingPointError):
+    """The model produced NaN or inf for some images (they would be silently black). `result` holds the whole
+    generation, the finite images included."""
+
+    def __init__(self, message: str, result=None):
+        super().__init__(message)
+        self.result = result
+
+
 def did_you_mean(value, choices, cutoff: float = 0.6) -> str:
     """" Did you mean 'x'?" for the choice closest to a misspelt `value`, or "" when none is close."""
     close = difflib.get_close_matches(str(value), sorted(map(str, choices)), n=1, cutoff=cutoff)

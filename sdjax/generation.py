@@ -58,7 +58,8 @@ class Models:
 
 
 def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: dict, inputs: dict):
-    """uint8 images (N, H, W, 3) and the final (VP) latents.
+    """(uint8 images (N, H, W, 3), finite (N,): whether every decoded pixel was a number) and the final (VP)
+    latents. The flag exists because the uint8 conversion turns NaN into black without a trace.
 
     inputs: cond_ids, uncond_ids (N, 77); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
     sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
@@ -125,13 +126,15 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         if spec.inpaint == "blend":
             x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
         latents = x if spec.ve_latents else to_vp(x, sigmas[-1])
-        decode = lambda latents: to_uint8(models.decode(params["vae"], latents))[0]
+        def decode(latents):
+            pixels = models.decode(params["vae"], latents)
+            return to_uint8(pixels)[0], jnp.all(jnp.isfinite(pixels))
         if not spec.windowed:
             return decode(latents), latents[0]
         if window.scans != 1:
             raise InvalidArgumentError(f"sampler {spec.sampler!r} does not loop over a fixed grid of steps, so it "
                                        f"cannot run a window of steps at a time")
-        blank = lambda latents: jnp.zeros(jax.eval_shape(decode, latents).shape, jnp.uint8)
+        blank = lambda latents: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(decode, latents))
         images = jax.lax.cond(inputs["window_stop"] >= sigmas.shape[0] - 1, decode, blank, latents)
         return images, latents[0], window.final_carry
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from sdjax import embedded, generation, progress, schedules
 from sdjax.control import Control, control_images, control_model
-from sdjax.errors import InvalidArgumentError
+from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
 from sdjax.images import as_array, to_unit_interval, to_unit_range
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.models.vae import scale_latents, unscale_latents
@@ -237,6 +237,9 @@ class Pipeline:
 
     def _inputs(self, request: "Request", plan: SamplingPlan, guidance_scale, guidance_rescale, noise) -> dict:
         count = request.count
+        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
+            if not np.isfinite(value):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
         inputs = {
             "cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives),
             "seeds": jnp.asarray(np.asarray(request.seeds, np.int64) % 2**32, jnp.uint32),
@@ -250,6 +253,8 @@ class Pipeline:
             noise = jnp.asarray(noise, jnp.float32)
             if noise.shape != expected:
                 raise InvalidArgumentError(f"latents/noise must have shape {expected} (N, h, w, c), got {noise.shape}")
+            if not np.all(np.isfinite(noise)):
+                raise InvalidArgumentError("latents/noise hold NaN or inf")
             inputs["noise"] = noise
         return inputs
 
@@ -287,13 +292,31 @@ class Pipeline:
             images, latents, compile_seconds, started = self._run_windows(params, inputs, spec, plan)
         else:
             images, latents, compile_seconds, started = self._run_whole(params, inputs, spec)
-        images = np.asarray(images)
-        return GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
-                                settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
-                                              sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
-                                              guidance_scale=float(inputs["guidance_scale"][0]),
-                                              height=request.height, width=request.width),
-                                seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
+        images, finite = map(np.asarray, images)
+        result = GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
+                                  settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
+                                                sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
+                                                guidance_scale=float(inputs["guidance_scale"][0]),
+                                                height=request.height, width=request.width),
+                                  seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
+        if not finite.all():
+            raise self._non_finite_error(result, finite, params)
+        return result
+
+    @staticmethod
+    def _non_finite_error(result: "GenerationResult", finite, params) -> NonFiniteOutputError:
+        """Which images came out NaN/inf, and which weights hold NaN/inf if any (the usual cause)."""
+        broken = [i for i, ok in enumerate(finite) if not ok]
+        bad_weights = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+                       if not np.all(np.isfinite(np.asarray(leaf, np.float32)))]
+        cause = (f"these weights hold NaN or inf: {', '.join(bad_weights[:5])}"
+                 f"{f' and {len(bad_weights) - 5} more' if len(bad_weights) > 5 else ''}; the checkpoint is damaged"
+                 if bad_weights else "the weights are finite, so the computation overflowed (float16 overflows "
+                 "easily: try dtype float32 or bfloat16)")
+        return NonFiniteOutputError(
+            f"{len(broken)} of {len(finite)} images came out NaN/inf (images {broken[:10]}, seeds "
+            f"{[result.seeds[i] for i in broken[:10]]}) and would have been black: {cause}. The error's `result` "
+            f"holds the generation.", result)
 
     def _run_whole(self, params, inputs, spec):
         """All steps in one call. Adaptive samplers (no fixed count of evaluations) show no progress bar."""

@@ -413,6 +413,12 @@ def _without_table(build):
     return schedule
 
 
+def _spacing(name: str):
+    builder = functools.partial(spaced, timestep_spacing=name)
+    builder.__doc__ = f"The training timesteps diffusers' schedulers pick with timestep_spacing={name!r}."
+    return builder
+
+
 SCHEDULES = {
     "normal": normal,
     "karras": _on_table_range(karras),
@@ -423,9 +429,7 @@ SCHEDULES = {
     "ddim_uniform": ddim_uniform,
     "beta": beta,
     "vp": _without_table(vp),
-    "leading": functools.partial(spaced, timestep_spacing="leading"),
-    "trailing": functools.partial(spaced, timestep_spacing="trailing"),
-    "linspace": functools.partial(spaced, timestep_spacing="linspace"),
+    **{spacing: _spacing(spacing) for spacing in TIMESTEP_SPACINGS},
 }
 """name -> builder `(steps, model_sigmas, **options) -> sigmas` (descending, ending in 0)."""
 

@@ -25,14 +25,52 @@ def test_help_documents_every_option():
         assert action.help, f"option {action.option_strings} has no help"
         for flag in action.option_strings:
             assert flag in text
-    for required in ("--negative", "--model", "--steps", "--sampler", "--schedule", "--cfg", "--seed", "-n",
-                     "--size", "--out", "--grid", "--progress"):
+    for required in ("--negative-prompt", "--model", "--steps", "--sampler", "--schedule", "--guidance-scale",
+                     "--seed", "--num-images", "--size", "--out", "--grid", "--progress", "examples:"):
         assert required in text
+    assert "(default: float32)" in text and "(default: 30)" in text
+
+
+@pytest.mark.parametrize("flags", [
+    ["--cfg", "5", "--negative", "dark", "-n", "3", "--rescale", "0.7"],
+    ["--guidance-scale", "5", "--negative-prompt", "dark", "--num-images", "3", "--guidance-rescale", "0.7"],
+    ["--cfg-scale", "5", "--negative-prompt", "dark", "--count", "3", "--guidance-rescale", "0.7"],
+])
+def test_diffusers_and_a1111_names_set_the_same_settings(flags):
+    args = cli.build_parser().parse_args(["generate", "x", *flags])
+    assert (args.guidance_scale, args.negative_prompt, args.num_images, args.guidance_rescale) == (5.0, "dark", 3, 0.7)
+    assert cli.seed_arguments(args) == {"seed": 0, "num_images": 3}
+
+
+@pytest.mark.parametrize("text, seeds", [("7", [7]), ("1,5,9", [1, 5, 9]), ("10-13", [10, 11, 12, 13]),
+                                         ("3, 7-8", [3, 7, 8])])
+def test_seed_takes_a_number_a_list_or_a_range(text, seeds):
+    args = cli.build_parser().parse_args(["generate", "x", "--seed", text])
+    assert args.seed == seeds
+    assert cli.seed_arguments(args) == ({"seed": 7, "num_images": 1} if text == "7" else {"seeds": seeds})
+
+
+@pytest.mark.parametrize("text, message", [("x", "an integer, a list"), ("5-3", "runs backwards")])
+def test_bad_seeds_say_what_is_accepted(text, message):
+    with pytest.raises(Exception, match=message):
+        cli.seed_list(text)
+
+
+def test_bare_command_prints_help_and_version_and_samplers_list(capsys):
+    from sdjax import __version__, schedules
+    from sdjax.samplers import SAMPLERS
+    assert cli.main([]) == 0 and "generate" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"sdjax {__version__}"
+    assert cli.main(["samplers"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("  ")]
+    assert listed == sorted(SAMPLERS) + sorted(schedules.SCHEDULES)
 
 
 def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp_path):
-    result = sdjax_command("generate", "a photo of a cat", "--negative", "blurry", "--model", str(sd1_folder[0]),
-                           *BASE, "-n", "2", "--seed", "7", "--out", str(tmp_path), "--grid", "--progress",
+    result = sdjax_command("generate", "a photo of a cat", "--negative-prompt", "blurry", "--model", str(sd1_folder[0]),
+                           *BASE, "--seed", "7-8", "--out", str(tmp_path), "--grid", "--progress",
                            "--no-compile-cache")
     assert result.returncode == 0, result.stderr
     assert "euler 2/2 [" in result.stderr and "compiled in" in result.stderr
@@ -63,6 +101,7 @@ def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path,
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--size", "17x16"], "size 17x16 must be a multiple of the VAE factor 2"),
     (["generate", "x", "--sampler", "eulr"], "unknown sampler 'eulr'"),
+    (["generate", "x", "--seed", "1,2", "-n", "3"], "--seed gives 2 seeds but -n/--num-images asks for 3"),
     (["generate", "x", "--out", "{tmp}/missing/out.png"], "folder {tmp}/missing does not exist"),
     (["img2img", "x", "--image", "{tmp}/image.png", "--strength", "1.5"], "must be within [0, 1], got 1.5"),
     (["inpaint", "x", "--image", "{tmp}/image.png", "--mask", "{tmp}/small.png"], "they must be the same size"),

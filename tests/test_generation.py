@@ -9,7 +9,7 @@ from diffusers import (EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, S
 from diffusers.pipelines.stable_diffusion import pipeline_stable_diffusion_img2img, pipeline_stable_diffusion_inpaint
 
 import sdjax
-from sdjax.errors import InvalidArgumentError
+from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
 from tests.fixtures import assert_images_match, nchw
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse"]
@@ -135,7 +135,30 @@ def test_bad_inputs_fail_before_any_compilation(sd1_folder):
         pipeline.inpaint(image, np.zeros((1, 16, 32), np.uint8), "a cat", sampler="euler")
     with pytest.raises(InvalidArgumentError, match=r"seeds has 1 entries for 2 images"):
         pipeline.generate(["a", "b"], seeds=[1], sampler="euler")
+    for setting in ("guidance_scale", "guidance_rescale"):
+        with pytest.raises(InvalidArgumentError, match=f"{setting} must be a finite number, got nan"):
+            pipeline.generate("a cat", sampler="euler", **{setting: float("nan")})
+    with pytest.raises(InvalidArgumentError, match="latents/noise hold NaN or inf"):
+        pipeline.generate("a cat", latents=np.full((1, SIZE // 2, SIZE // 2, 4), np.inf), sampler="euler")
     assert pipeline._executables == {}
+
+
+@pytest.mark.parametrize("show_progress", [False, True])
+def test_nan_weights_or_an_overflow_raise_instead_of_giving_black_images(sd1_folder, show_progress):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    settings = dict(steps=2, sampler="euler", schedule="karras", height=SIZE, width=SIZE, seeds=[3, 4],
+                    show_progress=show_progress)
+    kernel = pipeline.params["vae"]["decoder"]["conv_out"]["kernel"]
+    damaged = np.array(kernel)
+    damaged[0, 0, 0, 0] = np.nan
+    pipeline.params["vae"]["decoder"]["conv_out"]["kernel"] = damaged
+    with pytest.raises(NonFiniteOutputError, match=r"2 of 2 images came out NaN/inf .*seeds \[3, 4\].*"
+                                                   r"\['vae'\]\['decoder'\]\['conv_out'\]\['kernel'\]") as error:
+        pipeline.generate("a cat", **settings)
+    assert error.value.result.images.shape == (2, SIZE, SIZE, 3)
+    pipeline.params["vae"]["decoder"]["conv_out"]["kernel"] = np.full_like(damaged, 1e38)  # finite; sums overflow
+    with pytest.raises(NonFiniteOutputError, match="the weights are finite, so the computation overflowed"):
+        pipeline.generate("a cat", **settings)
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,20 @@ def adherence(images: np.ndarray, scenes) -> dict[str, float]:
     return result
 
 
+def adherence_evaluator(prompts: int = 128, setting: Setting = Setting("dpmpp_2m", 20, DEFAULT_GUIDANCE),
+                        seed: int = 0):
+    """`evaluate(pipeline) -> {"adherence": ..., "shape": ..., ...}` on a fixed held-out prompt set and fixed
+    seeds: the measure of a training run's progress (`sdjax.train.train(..., evaluate=)`)."""
+    pairs = held_out_prompts(prompts)
+
+    def evaluate(pipeline) -> dict[str, float]:
+        scores = adherence(generate(pipeline, [p for p, _ in pairs], setting, seed=seed, batch=prompts),
+                           [scene for _, scene in pairs])
+        return {"adherence": scores.pop("all"), **scores}
+
+    return evaluate
+
+
 def generate(pipeline, prompts, setting: Setting, *, seed: int, batch: int = 128) -> np.ndarray:
     """Images of `prompts` (image i from seed + i) under one setting, in fixed-size batches (one compile)."""
     images = []

@@ -105,15 +105,16 @@ def write_base_folder(folder: Path, vae_export: Path, data: Path) -> float:
     return scale
 
 
-def train_stage(config_file: Path, workdir: Path, overrides: list[str]) -> Path:
-    """`sdjax train config_file --workdir workdir --set ...`; returns the export folder."""
+def train_stage(config_file: Path, workdir: Path, overrides: list[str], evaluate=None) -> Path:
+    """`sdjax train config_file --workdir workdir --set ...` (with `evaluate` called every eval_every steps);
+    returns the export folder."""
     from sdjax.train.config import load_config
     from sdjax.train.loop import train
 
     export = workdir / "export"
     if export.is_dir():
         return export
-    result = train(load_config(config_file, overrides), workdir)
+    result = train(load_config(config_file, overrides), workdir, evaluate=evaluate)
     if result.export_dir is None:
         raise SystemExit(f"training in {workdir} stopped early ({result.stopped_by_signal}); rerun to continue")
     return result.export_dir
@@ -179,8 +180,10 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
     log.info("base: %s (latent scaling_factor %s)", base_dir, scale)
     if "unet" in stages:
         log.info("unet: training in %s", workdir / "unet")
+        from experiments.shapes.evaluate import adherence_evaluator
         unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
-                                  with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"])
+                                  with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"],
+                                  evaluate=adherence_evaluator(prompts=64))
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")
         decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))

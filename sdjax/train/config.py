@@ -145,6 +145,9 @@ class TrainConfig:
     sample_prompts: tuple[str, ...] = option(("a photo of a cat",), "prompts of the sample grid")
     sample_steps: int = option(20, "sampler steps of the sample grid")
     sample_guidance_scale: float = option(7.5, "classifier-free guidance scale of the sample grid")
+    eval_every: int = option(0, "steps between calls of the evaluator passed to train() (one eval.jsonl line each "
+                                "time); 0 disables")
+    eval_raw_weights: bool = option(False, "evaluate the raw weights too, not only the EMA ones")
     export_ema: bool = option(True, "export the EMA weights (else the raw ones) to <workdir>/export")
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -156,7 +159,8 @@ class TrainConfig:
         _check_choice("stage", self.stage, STAGES)
         for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_steps"):
             _check_positive(key, getattr(self, key))
-        _check_positive("sample_every", self.sample_every, allow_zero=True)
+        for key in ("sample_every", "eval_every"):
+            _check_positive(key, getattr(self, key), allow_zero=True)
         if self.batch_size % self.optimizer.grad_accumulation:
             raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of optimizer.grad_accumulation "
                               f"= {self.optimizer.grad_accumulation}")

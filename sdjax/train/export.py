@@ -19,6 +19,12 @@ def trained_pipeline(base: Pipeline, task: Task, params: dict[str, Any]) -> Pipe
                     raw_configs=task.raw_configs)
 
 
+def swap_weights(pipeline: Pipeline, params: dict[str, Any]) -> Pipeline:
+    """`pipeline` with `params` (whole or partial components) in place of its weights, compiled programs kept."""
+    pipeline.params = {name: {**weights, **params.get(name, {})} for name, weights in pipeline.params.items()}
+    return pipeline
+
+
 def export_folder(pipeline: Pipeline, folder: str | Path) -> Path:
     """Write `pipeline` as a diffusers folder. It is assembled next to `folder` and swapped in at the end, so an
     interrupted export never leaves a half-written model where a complete one was."""

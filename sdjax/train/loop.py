@@ -5,6 +5,7 @@ The run directory holds:
     runs.jsonl         one line per start: git revision, start step, command, devices
     checkpoints/       orbax steps: state, data-iterator position, model fingerprint
     metrics.jsonl      per logging window: loss, grad_norm, learning_rate, steps_per_sec, skipped_images
+    eval.jsonl         what the `evaluate` function given to train() returned, every eval_every steps
     samples/           sample grids (when enabled and the pipeline can generate)
     export/            the final weights (EMA by default) as a diffusers folder
     latent_cache/      VAE posteriors of the dataset (data.cache_latents)
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +37,9 @@ from sdjax.train import config as config_lib
 from sdjax.train.checkpoint import CheckpointStore
 from sdjax.train.config import TrainConfig
 from sdjax.train.data import BatchIterator, ImageSource, scan_folder
-from sdjax.train.export import export_folder, save_sample_grid, trained_pipeline
+from sdjax.train.export import export_folder, save_sample_grid, swap_weights, trained_pipeline
 from sdjax.train.latents import load_or_build
-from sdjax.train.metrics import MetricsLog
+from sdjax.train.metrics import MetricsLog, truncate_after
 from sdjax.train.state import (
     TrainState,
     checkpointed,
@@ -155,8 +157,11 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     return _Run(base, task, optimizer, store, state, batches, source.skipped)
 
 
-def train(config: TrainConfig, workdir: str | Path) -> TrainResult:
-    """Train (or resume) the run in `workdir` until config.num_steps or a stop signal."""
+def train(config: TrainConfig, workdir: str | Path, *,
+          evaluate: Callable[[Pipeline], dict[str, float]] | None = None) -> TrainResult:
+    """Train (or resume) the run in `workdir` until config.num_steps or a stop signal. `evaluate`, when given, is
+    called every config.eval_every steps with the pipeline holding the current weights (EMA, and raw too with
+    config.eval_raw_weights); what it returns is appended to eval.jsonl with the step and the weights' name."""
     workdir = Path(workdir)
     # Installed first, so a stop requested while starting up also ends the run cleanly (before its first step).
     with StopSignals() as stop:
@@ -164,12 +169,14 @@ def train(config: TrainConfig, workdir: str | Path) -> TrainResult:
         state, task, start = run.state, run.task, int(run.state.step)
         metrics = MetricsLog(workdir, every=config.log_every, start_step=start, total_steps=config.num_steps,
                              host_metrics=_host_metrics(config, run.skipped))
+        truncate_after(workdir / "eval.jsonl", start)  # evaluations past the checkpoint are repeated
         write_run_files(workdir, config, start)
         train_step = make_train_step(task.loss_fn, run.optimizer, ema_decay=config.optimizer.ema_decay,
                                      grad_accumulation=config.optimizer.grad_accumulation)
         step_key = jax.random.fold_in(jax.random.key(config.seed), _STEP_STREAM)
-        # One pipeline for all sample grids, so its compiled functions are reused; params are swapped in.
-        sampler = trained_pipeline(run.base, task, state.ema_params) if config.sample_every else None
+        evaluating = evaluate is not None and config.eval_every > 0
+        # One pipeline for sample grids and evaluations, so its compiled functions are reused; params are swapped in.
+        viewer = trained_pipeline(run.base, task, state.ema_params) if config.sample_every or evaluating else None
 
         def save(state):
             run.store.save(int(state.step), checkpointed(state), run.batches.state(), task.fingerprint)
@@ -181,11 +188,13 @@ def train(config: TrainConfig, workdir: str | Path) -> TrainResult:
                 state, step_metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
                 step += 1
                 metrics.add(step, step_metrics)
+                if evaluating and step % config.eval_every == 0:  # before the checkpoint of the same step
+                    _evaluate(evaluate, viewer, state, step, workdir / "eval.jsonl", config.eval_raw_weights)
                 if step % config.checkpoint_every == 0:
                     save(state)
-                if sampler is not None and step % config.sample_every == 0:
-                    sampler.params = {**sampler.params, **state.ema_params}
-                    save_sample_grid(sampler, workdir / "samples" / f"step_{step:07d}.png", config.sample_prompts,
+                if config.sample_every and step % config.sample_every == 0:
+                    save_sample_grid(swap_weights(viewer, state.ema_params),
+                                     workdir / "samples" / f"step_{step:07d}.png", config.sample_prompts,
                                      size=config.data.resolution, steps=config.sample_steps,
                                      guidance_scale=config.sample_guidance_scale, seed=config.seed)
             metrics.flush(step)
@@ -200,6 +209,15 @@ def train(config: TrainConfig, workdir: str | Path) -> TrainResult:
         log.info("exported %s weights to %s", "EMA" if config.export_ema else "raw", export_dir)
     run.store.close()
     return TrainResult(step, stop.requested, export_dir, metrics.last, state)
+
+
+def _evaluate(evaluate, viewer: Pipeline, state: TrainState, step: int, path: Path, raw_too: bool) -> None:
+    weights = {"ema": state.ema_params, **({"raw": state.params} if raw_too else {})}
+    with path.open("a") as rows:
+        for name, params in weights.items():
+            values = {key: float(value) for key, value in evaluate(swap_weights(viewer, params)).items()}
+            rows.write(json.dumps({"step": step, "weights": name, **values}) + "\n")
+    log.info("step %d: evaluated %s", step, " and ".join(weights))
 
 
 def _host_metrics(config: TrainConfig, skipped: set):

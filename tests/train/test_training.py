@@ -11,7 +11,7 @@ import torch
 import sdjax
 from sdjax.train.checkpoint import CheckpointMismatchError
 from sdjax.train.data import DatasetError
-from tests.train.conftest import REFERENCE_STEPS, read_losses, run_training
+from tests.train.conftest import EXPERIMENT, REFERENCE_STEPS, read_losses, run_training
 
 
 def test_loss_goes_down(reference_run):
@@ -110,3 +110,38 @@ def test_every_loss_option_together_in_bfloat16(tiny_overrides, compilation_cach
     changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), exported.params["text_encoder"],
                            base.params["text_encoder"])
     assert any(jax.tree.leaves(changed))  # the text encoder was trained
+
+
+def _squared_norm(tree) -> float:
+    return float(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(tree)))
+
+
+def test_evaluator_sees_the_ema_and_raw_weights_and_a_resume_repeats_lost_rows(tiny_overrides, compilation_cache,
+                                                                                tmp_path):
+    import json
+
+    from sdjax.train import load_config, train
+    seen = []
+
+    def evaluate(pipeline):
+        seen.append(pipeline)
+        return {"unet_norm": _squared_norm(pipeline.params["unet"])}
+
+    def rows():
+        return [json.loads(line) for line in (workdir / "eval.jsonl").read_text().splitlines()]
+
+    workdir, every = tmp_path / "run", REFERENCE_STEPS // 2  # the reference run's train step: compiled already
+    config = load_config(EXPERIMENT, [*tiny_overrides, f"eval_every={every}", "eval_raw_weights=true"])
+    result = train(config, workdir, evaluate=evaluate)
+    first = rows()
+    assert [(r["step"], r["weights"]) for r in first] == [(every, "ema"), (every, "raw"),
+                                                           (2 * every, "ema"), (2 * every, "raw")]
+    assert first[2]["unet_norm"] == pytest.approx(_squared_norm(result.state.ema_params["unet"]), rel=1e-6)
+    assert first[3]["unet_norm"] == pytest.approx(_squared_norm(result.state.params["unet"]), rel=1e-6)
+    assert first[2]["unet_norm"] != first[3]["unet_norm"] and len({id(p) for p in seen}) == 1  # one pipeline reused
+
+    # As if the process died after the last evaluation but before its checkpoint: the resumed run drops the rows
+    # past the checkpoint it restores and evaluates those steps again, once.
+    shutil.rmtree(workdir / "checkpoints" / str(REFERENCE_STEPS))
+    train(config, workdir, evaluate=evaluate)
+    assert rows() == first
