@@ -50,7 +50,11 @@ def seed_list(text: str) -> list[int]:
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("prompt", nargs="?", help="what to draw (or take it from --from-png)")
+    parser.add_argument("--from-png", metavar="PNG",
+                        help="re-run the settings an A1111-style PNG carries (prompt, negative prompt, seed, steps, "
+                             "sampler, schedule, guidance, size, strength); model, output and the like still come "
+                             "from this command line")
     parser.add_argument("--negative-prompt", "--negative", dest="negative_prompt", default="",
                         help="what to avoid")
     parser.add_argument("--model", help="diffusers-layout folder or hub id (default: the small shapes model that "
@@ -176,6 +180,30 @@ def check_output(out: str) -> None:
         raise SdjaxError(f"--out {out}: folder {folder} does not exist; create it first")
 
 
+def apply_png_settings(args) -> None:
+    """Fill `args` from the parameters text of args.from_png (A1111's format and names)."""
+    from sdjax import a1111
+    from sdjax.images import read_parameters
+
+    path = Path(args.from_png)
+    if not path.is_file():
+        raise SdjaxError(f"--from-png {path}: no such file")
+    text = read_parameters(path)
+    if not text:
+        raise SdjaxError(f"--from-png {path}: the PNG carries no generation parameters")
+    prompt, negative, settings = a1111.parse_parameters(text)
+    found = a1111.generation_settings(settings)
+    args.prompt, args.negative_prompt, args.seed = prompt, negative, [found["seed"]]
+    args.steps, args.sampler, args.schedule = found["steps"], found.get("sampler"), found.get("schedule")
+    args.guidance_scale = found.get("guidance_scale", args.guidance_scale)
+    args.guidance_rescale = found.get("guidance_rescale", 0.0)
+    args.clip_skip = found.get("clip_skip")
+    if "width" in found:
+        args.size = (found["width"], found["height"])
+    if hasattr(args, "strength") and "strength" in found:
+        args.strength = found["strength"]
+
+
 def check_sampling_names(args) -> None:
     from sdjax import schedules
     from sdjax.samplers import get_sampler
@@ -289,6 +317,10 @@ def run_sampling_command(args) -> int:
     from sdjax.weights import diffusers_folder
 
     check_output(args.out)
+    if args.from_png:
+        apply_png_settings(args)
+    if args.prompt is None:
+        raise SdjaxError("give a prompt, or --from-png with a PNG that carries one")
     check_sampling_names(args)
     inputs = args.inputs(args)
     edit = inputs.get("edit")
@@ -314,25 +346,36 @@ def run_sampling_command(args) -> int:
     return 0
 
 
+def png_parameters(args, result, seed: int, image) -> str:
+    """A1111's parameters text for one image: the settings as asked (img2img's Steps is the full schedule, as
+    A1111 records it), with A1111's sampler and schedule names."""
+    from sdjax import a1111
+
+    settings = result.settings
+    automatic = args.sampler is None and args.schedule is None  # the model's scheduler config chose
+    return a1111.format_parameters(args.prompt, args.negative_prompt, {
+        "Steps": args.steps, "Sampler": a1111.SAMPLER_NAMES.get(settings["sampler"], settings["sampler"]),
+        "Schedule type": a1111.AUTOMATIC if automatic else a1111.SCHEDULE_NAMES.get(settings["schedule"],
+                                                                                     settings["schedule"]),
+        "CFG scale": f"{settings['guidance_scale']:g}", "Seed": seed, "Size": f"{image.shape[1]}x{image.shape[0]}",
+        "Model": Path(args.model).name if args.model else "sdjax-shapes",
+        "Denoising strength": getattr(args, "strength", None), "Clip skip": args.clip_skip,
+        "Guidance rescale": args.guidance_rescale or None,
+        "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
+
+
 def write_images(args, result) -> None:
     from sdjax import images as image_io
 
     paths = output_paths(args.out, result.seeds)
     for path, image, seed in zip(paths, result.images, result.seeds):
-        text = image_io.a1111_parameters(args.prompt, args.negative_prompt, {
-            "Steps": result.settings["steps"], "Sampler": result.settings["sampler"],
-            "Schedule type": result.settings["schedule"],
-            "CFG scale": f"{result.settings['guidance_scale']:g}", "Seed": seed,
-            "Size": f"{image.shape[1]}x{image.shape[0]}", "Model": Path(args.model).name if args.model else "sdjax-shapes",
-            "Guidance rescale": args.guidance_rescale or None, "Clip skip": args.clip_skip,
-            "Denoising strength": getattr(args, "strength", None),
-            "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
-        image_io.save_png(path, image, text)
+        image_io.save_png(path, image, png_parameters(args, result, seed, image))
         print(path)
     if args.grid:
         out = Path(args.out)
         grid_path = out.with_name(f"{out.stem}-grid.png") if out.suffix.lower() == ".png" else out / "grid.png"
-        image_io.save_png(grid_path, image_io.grid(result.images))
+        image_io.save_png(grid_path, image_io.grid(result.images), png_parameters(args, result, result.seeds[0],
+                                                                                    result.images[0]))
         print(grid_path)
 
 

@@ -1,25 +1,13 @@
-"""Image I/O: PNGs carrying their generation settings (A1111 "parameters" text chunk), grids, loading."""
+"""Image I/O: PNGs carrying their generation settings (a "parameters" text chunk, see a1111.py), grids, loading."""
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
-from typing import Mapping
-
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from sdjax.errors import InvalidArgumentError
-
-
-def a1111_parameters(prompt: str, negative_prompt: str | None, settings: Mapping[str, object]) -> str:
-    """The "parameters" text A1111, ComfyUI and image viewers read: prompt, negative prompt, then
-    "Key: value" pairs on one line (e.g. Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model)."""
-    lines = [prompt]
-    if negative_prompt:
-        lines.append(f"Negative prompt: {negative_prompt}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in settings.items() if value is not None))
-    return "\n".join(lines)
 
 
 def save_png(path: str | os.PathLike, image: np.ndarray, parameters: str | None = None) -> Path:

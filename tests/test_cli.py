@@ -77,31 +77,51 @@ def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-7.png", "00001-8.png", "grid.png"]
     text = images.read_parameters(tmp_path / "00001-8.png")
     assert text.splitlines()[:2] == ["a photo of a cat", "Negative prompt: blurry"]
-    assert "Steps: 2, Sampler: euler, Schedule type: karras, CFG scale: 7.5, Seed: 8, Size: 16x16" in text
+    assert "Steps: 2, Sampler: Euler, Schedule type: Karras, CFG scale: 7.5, Seed: 8, Size: 16x16" in text
+    assert images.read_parameters(tmp_path / "grid.png").startswith("a photo of a cat\n")
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.size == (32, 16)
 
 
 @pytest.mark.parametrize("progress", ["--no-progress", "--progress"])
 def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path, progress):
-    """Also with the progress bar: it is driven by calling the cached program once per step, not by callbacks."""
+    """Also with the progress bar: it is driven by calling the cached program once per step, not by callbacks.
+    The second run takes its settings from the first one's PNG (--from-png), so it also checks that they
+    reproduce the image bitwise."""
     cache = tmp_path / "cache"
-    args = ["generate", "a cat", "--model", str(sd1_folder[0]), *BASE, progress, "--cache-dir", str(cache)]
-    first = sdjax_command(*args, "--out", str(tmp_path / "first.png"))
+    common = ["--model", str(sd1_folder[0]), progress, "--cache-dir", str(cache)]
+    first = sdjax_command("generate", "a cat", *BASE, "--seed", "5", *common, "--out", str(tmp_path / "first.png"))
     assert first.returncode == 0, first.stderr
     assert any(p.name.startswith("jit__run_program") for p in cache.iterdir())
     assert "read from the persistent compilation cache" not in first.stderr
-    second = sdjax_command(*args, "--out", str(tmp_path / "second.png"))
+    second = sdjax_command("generate", "--from-png", str(tmp_path / "first.png"), *common,
+                           "--out", str(tmp_path / "second.png"))
     assert second.returncode == 0, second.stderr
     assert "read from the persistent compilation cache" in second.stderr
     assert ("euler 2/2 [" in second.stderr) == (progress == "--progress")
     np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "second.png"))
 
 
+def test_img2img_records_a1111_steps_and_strength_and_reruns_from_its_png(sd1_folder, tmp_path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "start.png")
+    common = ["--image", str(tmp_path / "start.png"), "--model", str(sd1_folder[0]), "--no-compile-cache"]
+    first = sdjax_command("img2img", "a cat", "--steps", "4", "--strength", "0.5", "--sampler", "dpmpp_2m",
+                          "--seed", "3", *common, "--out", str(tmp_path / "first.png"))
+    assert first.returncode == 0, first.stderr
+    text = images.read_parameters(tmp_path / "first.png")
+    assert "Steps: 4, Sampler: DPM++ 2M, Schedule type: Normal" in text and "Denoising strength: 0.5" in text
+    again = sdjax_command("img2img", "--from-png", str(tmp_path / "first.png"), *common,
+                          "--out", str(tmp_path / "again.png"))
+    assert again.returncode == 0, again.stderr
+    np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "again.png"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--size", "17x16"], "size 17x16 must be a multiple of the VAE factor 2"),
     (["generate", "x", "--sampler", "eulr"], "unknown sampler 'eulr'"),
     (["generate", "x", "--seed", "1,2", "-n", "3"], "--seed gives 2 seeds but -n/--num-images asks for 3"),
+    (["generate"], "give a prompt, or --from-png"),
+    (["generate", "--from-png", "{tmp}/image.png"], "the PNG carries no generation parameters"),
     (["generate", "x", "--out", "{tmp}/missing/out.png"], "folder {tmp}/missing does not exist"),
     (["img2img", "x", "--image", "{tmp}/image.png", "--strength", "1.5"], "must be within [0, 1], got 1.5"),
     (["inpaint", "x", "--image", "{tmp}/image.png", "--mask", "{tmp}/small.png"], "they must be the same size"),

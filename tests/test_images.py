@@ -3,13 +3,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax import images
+from sdjax import a1111, images
 from sdjax.errors import InvalidArgumentError
 
 
 def test_png_carries_a1111_parameters(tmp_path):
-    text = images.a1111_parameters("a cat", "blurry", {"Steps": 20, "Sampler": "euler", "CFG scale": 7.5,
-                                                       "Seed": 42, "Size": "64x48", "Schedule type": None})
+    text = a1111.format_parameters("a cat", "blurry", {"Steps": 20, "Sampler": "euler", "CFG scale": 7.5,
+                                                        "Seed": 42, "Size": "64x48", "Schedule type": None})
     assert text == "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: euler, CFG scale: 7.5, Seed: 42, Size: 64x48"
     picture = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     path = images.save_png(tmp_path / "out.png", picture, text)
