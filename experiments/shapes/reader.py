@@ -2,25 +2,30 @@
 
 Each pixel is assigned the nearest palette colour. The background is the most common colour of the border; the
 shape is the most common other colour, and the largest connected region of it is the shape's mask. From the
-mask: position from the centre of its bounding box, size from the box's longer side, kind from how much of the
-box it fills (square 1, circle pi/4, triangle 1/2). Thresholds sit halfway between what `scenes.render` draws
-for neighbouring categories, so an image reads right when it is drawn right and wrong when it is not.
+mask: position from the centre of its bounding box, size from the box's longer side, kind from the shape that,
+drawn to fill the same box, overlaps the mask best (intersection over union). Overlap rather than the fraction
+of the box filled (square 1, circle pi/4, triangle 1/2): a square with softened corners or a triangle whose tips
+blur away still overlaps its own kind best, where its fill drifts towards a circle's. Thresholds sit halfway
+between what `scenes.render` draws for neighbouring categories, so an image reads right when it is drawn right
+and wrong when it is not.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 
 import numpy as np
+from PIL import Image, ImageDraw
 
-from experiments.shapes.scenes import COLOURS, PALETTE, SIZE_RANGE
+from experiments.shapes.scenes import COLOURS, PALETTE, SHAPES, SIZE_RANGE
 
 _RGB = np.asarray([PALETTE[name] for name in COLOURS], np.float32)
 _BORDER = 2  # pixels of the edge that vote for the background
 _MIN_PIXELS = 20  # fewer shape pixels than this reads as "no shape"
 SIZE_THRESHOLD = (SIZE_RANGE["small"][1] + SIZE_RANGE["large"][0]) / 2  # bounding-box side, pixels
 POSITION_MARGIN = 7.0  # pixels from the image centre (CENTRES are 14 away, jitter 3)
-FILL_SQUARE, FILL_TRIANGLE = (1.0 + np.pi / 4) / 2, (np.pi / 4 + 0.5) / 2  # halfway between the three fills
+_SUPERSAMPLE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +70,26 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return component
 
 
-def _kind(fill: float) -> str:
-    return "square" if fill >= FILL_SQUARE else "circle" if fill >= FILL_TRIANGLE else "triangle"
+@functools.lru_cache(maxsize=4096)
+def template(kind: str, width: int, height: int) -> np.ndarray:
+    """Boolean (height, width) mask of `kind` drawn to fill the box, as `scenes.render` draws it (pixels at least
+    half covered)."""
+    w, h = width * _SUPERSAMPLE, height * _SUPERSAMPLE
+    image = Image.new("L", (w, h), 0)
+    draw = ImageDraw.Draw(image)
+    if kind == "triangle":  # apex up
+        draw.polygon([(w / 2, 0), (w, h), (0, h)], fill=255)
+    else:
+        (draw.ellipse if kind == "circle" else draw.rectangle)([(0, 0), (w, h)], fill=255)
+    return np.asarray(image.resize((width, height), Image.Resampling.BOX)) >= 128
+
+
+def shape_kind(mask: np.ndarray) -> str:
+    """The kind whose template, fitted to the mask's bounding box, has the highest intersection over union."""
+    box = mask[np.ix_(mask.any(axis=1), mask.any(axis=0))]
+    overlap = {kind: np.sum(box & template(kind, box.shape[1], box.shape[0])) /
+               np.sum(box | template(kind, box.shape[1], box.shape[0])) for kind in SHAPES}
+    return max(overlap, key=overlap.get)
 
 
 def _position(cx: float, cy: float, centre: float) -> str:
@@ -93,8 +116,7 @@ def read_scene(image: np.ndarray) -> Reading:
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     top, bottom, left, right = rows[0], rows[-1], cols[0], cols[-1]
     width, height = right - left + 1, bottom - top + 1
-    fill = mask[top:bottom + 1, left:right + 1].sum() / (width * height)
     centre = (image.shape[1] - 1) / 2
-    return Reading(background=COLOURS[background], colour=COLOURS[colour], shape=_kind(fill),
+    return Reading(background=COLOURS[background], colour=COLOURS[colour], shape=shape_kind(mask),
                    size="large" if max(width, height) >= SIZE_THRESHOLD else "small",
                    position=_position((left + right) / 2, (top + bottom) / 2, centre))

@@ -6,8 +6,11 @@ from sdjax.train.config import DataConfig, DiffusionConfig, ModelConfig, Optimiz
 
 def get_config() -> TrainConfig:
     return TrainConfig(
+        # Batch 32 at 1e-3 lowered the loss faster per image but never learned the position words: after 4500
+        # steps the text encoder had pulled "left"/"right"/... together (relative embedding spread 0.12, from 0.31
+        # at init and 0.71 in this run) and adherence was 6% with position at chance.
         stage="unet", seed=0, batch_size=64, num_steps=4000, log_every=25, checkpoint_every=250,
-        keep_checkpoints=2,
+        keep_checkpoints=2, eval_every=1000,  # the recipe reads back 64 held-out prompts: the adherence curve
         # No CLIP exists for this world, so the text encoder learns from the denoising loss alone, as the latent
         # diffusion paper's text-to-image model trained its transformer jointly with the U-Net.
         model=ModelConfig(pretrained="runs/shapes/base", train_text_encoder=True),
