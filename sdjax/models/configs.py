@@ -8,6 +8,9 @@ Presets for the real SD 1.5 / SD 2.1 architectures and tiny variants for tests l
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
+import typing
 from typing import Any
 
 from sdjax.errors import ConfigError, did_you_mean
@@ -54,8 +57,48 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
 }
 
 
+def _check_groups(config) -> None:
+    """GroupNorm splits every block's channels into norm_num_groups groups."""
+    uneven = [c for c in config.block_out_channels if c % config.norm_num_groups]
+    if uneven:
+        raise ValueError(f"block_out_channels {uneven} are not multiples of norm_num_groups "
+                         f"({config.norm_num_groups}), which GroupNorm needs")
+
+
 def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
+
+
+def _is_a(value: Any, hint) -> bool:
+    """Whether a JSON value (lists frozen to tuples) fits a field's type: int, float (ints too), bool, str, None,
+    tuple[X, ...] and unions of these."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_a(value, option) for option in typing.get_args(hint))
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_a(v, typing.get_args(hint)[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _describe(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return "a list of " + {int: "integers", float: "numbers", bool: "booleans", str: "strings"}.get(item, str(item))
+    return "null" if hint is type(None) else {int: "an integer", float: "a number", bool: "true or false",
+                                                str: "a string"}.get(hint, str(hint))
+
+
+@functools.cache
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +112,9 @@ class _Config:
         for key, value in raw.items():
             if key in fields:
                 kwargs[key] = _freeze(value)
+                if not _is_a(kwargs[key], _field_types(cls)[key]):
+                    raise ConfigError(f"{source}: key {key!r} = {value!r} should be "
+                                      f"{_describe(_field_types(cls)[key])}")
             elif key.startswith("_") or key in _INERT_KEYS:
                 continue
             elif key in _OFF_VALUES:
@@ -121,6 +167,7 @@ class UNetConfig(_Config):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 raise ValueError(f"{name} has {len(value)} entries, expected one per block ({n})")
+        _check_groups(self)
 
     def per_block(self, name: str) -> tuple:
         """A per-block tuple for a key that config.json may give as one int or a list."""
@@ -148,6 +195,9 @@ class VAEConfig(_Config):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        _check_groups(self)
 
     @property
     def downscale_factor(self) -> int:

@@ -111,6 +111,29 @@ def write_run_files(workdir: Path, config: TrainConfig, start_step: int) -> None
         runs.write(json.dumps(entry) + "\n")
 
 
+# What a resumed run may change: when to log, keep, sample and evaluate, not what is trained.
+BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
+                    "sample_steps", "sample_guidance_scale", "eval_every", "eval_raw_weights", "export_ema")
+
+
+def check_same_run(workdir: Path, config: TrainConfig) -> None:
+    """Refuse to resume the run in `workdir` with other training settings than its config.json records: the
+    result would mix two experiments, and the record of the first would be overwritten."""
+    path = workdir / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = config_lib.flatten(config_lib.from_dict(json.loads(path.read_text())))
+    except (ValueError, ConfigError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); it records the run being resumed: restore it, or start "
+                          f"a new --workdir") from None
+    changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config_lib.flatten(config).items()
+               if key not in BOOKKEEPING_KEYS and saved.get(key) != value]
+    if changed:
+        raise ConfigError(f"{workdir} holds a run trained with other settings ({'; '.join(changed)}); resume it "
+                          f"with the settings of its config.json, or train the new settings in a new --workdir")
+
+
 def make_source(config: TrainConfig, workdir: Path, task: Task, records):
     """The examples of the run: decoded images, or cached VAE posteriors when data.cache_latents is on."""
     images = ImageSource(records, config.data.resolution)
@@ -143,6 +166,8 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     records = scan_folder(config.data.folder, require_captions=config.stage == "unet")
     base = load_pipeline(config.model.pretrained)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
+    if store.latest_step() is not None:
+        check_same_run(workdir, config)
     store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
     task = build_task(config, base, jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM))
     optimizer = make_optimizer(config.optimizer, config.num_steps)

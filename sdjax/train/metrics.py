@@ -30,11 +30,24 @@ def _tensorboard_writer(directory: Path):
     return None
 
 
+def _step_of(line: str) -> int | None:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def truncate_after(path: Path, step: int) -> None:
-    """Drop the lines of a metrics file past `step`: after a resume, those steps are trained again."""
+    """Drop the lines of a metrics file past `step`: after a resume, those steps are trained again. A line that
+    does not parse (half-written when the process was killed) is dropped too, with a warning."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    unreadable = [line for line in lines if _step_of(line) is None]
+    if unreadable:
+        log.warning("%s: dropping %d unreadable line(s) (written when the run was killed?): %.60s",
+                    path, len(unreadable), unreadable[-1])
+    kept = [line for line in lines if (_step_of(line) or step + 1) <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -166,3 +166,19 @@ def test_remat_recomputes_blocks_without_changing_params_or_outputs():
     # jax.checkpoint shows up as the remat primitive in the traced program
     assert "remat" in str(jax.make_jaxpr(lambda p: remat.apply(p, x, t, context))(params))
     assert "remat" not in str(jax.make_jaxpr(lambda p: plain.apply(p, x, t, context))(params))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("block_out_channels", "abc", "'block_out_channels' = 'abc' should be a list of integers"),
+    ("layers_per_block", [1, "x"], "= \\[1, .x.\\] should be an integer"),
+    ("norm_eps", "small", "'norm_eps' = 'small' should be a number"),
+    ("upcast_attention", 1, "should be true or false"),
+    ("norm_num_groups", 7, r"block_out_channels \[.*\] are not multiples of norm_num_groups \(7\)"),
+])
+def test_config_values_of_the_wrong_type_or_shape_name_the_file_and_key(key, value, message):
+    from sdjax.models.configs import UNetConfig, VAEConfig
+    for config_class in (UNetConfig, VAEConfig):
+        defaults = config_class().to_dict()
+        if key in defaults:
+            with pytest.raises(ConfigError, match=f"unet/config.json: .*{message}"):
+                config_class.from_dict({**defaults, key: value}, source="unet/config.json")

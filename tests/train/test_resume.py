@@ -6,10 +6,12 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
+from sdjax.errors import ConfigError
 from sdjax.train.checkpoint import CheckpointStore
 from sdjax.train.state import checkpointed
-from tests.train.conftest import REFERENCE_STEPS, read_losses, start_training_process
+from tests.train.conftest import REFERENCE_STEPS, read_losses, run_training, start_training_process
 
 
 def wait_for(condition, process, timeout=180.0, what="condition"):
@@ -46,6 +48,15 @@ def test_killed_then_terminated_run_resumes_exactly(reference_run, tiny_override
     assert process.wait(timeout=60) == -signal.SIGKILL
     killed_at = max(finished_checkpoints(workdir))
     assert 4 <= killed_at < REFERENCE_STEPS
+
+    # A kill can cut the last metrics line short; resuming drops it instead of failing on it.
+    with (workdir / "metrics.jsonl").open("a") as metrics:
+        metrics.write('{"step": 99, "loss": 0.12')
+    # Resuming with other training settings is refused before anything is written.
+    recorded = (workdir / "config.json").read_text()
+    with pytest.raises(ConfigError, match=r"other settings \(seed 0 -> 1; optimizer.learning_rate"):
+        run_training(tiny_overrides, workdir, "seed=1", "optimizer.learning_rate=0.5", "log_every=2")
+    assert (workdir / "config.json").read_text() == recorded
 
     # 2. Resume; SIGTERM a couple of steps later: a checkpoint at the current step and exit code 0.
     process = start_training_process(tiny_overrides, workdir, compilation_cache)
