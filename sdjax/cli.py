@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -164,20 +167,30 @@ def build_parser() -> argparse.ArgumentParser:
 # --- commands -----------------------------------------------------------------------------------------------
 
 def output_paths(out: str, seeds: list[int]) -> list[Path]:
-    """One PNG path per image: `out` itself for a single image to a .png name, else numbered files."""
+    """One PNG path per image: `out` itself for a single image to a .png name, else numbered files
+    (NNNNN-SEED.png, or STEM-NNNNN-SEED.png beside a .png name) that continue after the numbers already there,
+    so a second run never overwrites the first."""
     target = Path(out)
-    if target.suffix.lower() == ".png":
-        if len(seeds) == 1:
-            return [target]
-        return [target.with_name(f"{target.stem}-{i:03d}-{seed}.png") for i, seed in enumerate(seeds)]
-    return [target / f"{i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+    if target.suffix.lower() == ".png" and len(seeds) == 1:
+        return [target]
+    folder, prefix = (target.parent, f"{target.stem}-") if target.suffix.lower() == ".png" else (target, "")
+    taken = [int(match.group(1)) for path in folder.glob(f"{glob.escape(prefix)}*.png")
+             if (match := re.fullmatch(re.escape(prefix) + r"(\d{5})-\d+\.png", path.name))]
+    start = max(taken, default=-1) + 1
+    return [folder / f"{prefix}{start + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
 
 
 def check_output(out: str) -> None:
+    """The output folder exists and takes files (checked before the model loads, not after sampling)."""
     target = Path(out)
     folder = target.parent if target.suffix.lower() == ".png" else target
     if not folder.is_dir():
         raise SdjaxError(f"--out {out}: folder {folder} does not exist; create it first")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdjax-write-check-"):
+            pass
+    except OSError as err:
+        raise SdjaxError(f"--out {out}: cannot write into {folder} ({err.strerror}); choose another folder") from None
 
 
 def apply_png_settings(args) -> None:
@@ -386,10 +399,19 @@ def run_convert(args) -> int:
     from sdjax.pipeline import load_pipeline
 
     target = Path(args.target)
-    if target.exists() and any(target.iterdir()):
-        raise SdjaxError(f"{target} exists and is not empty; choose a new folder")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise SdjaxError(f"{target} exists and is not an empty folder; choose a new folder")
     dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype]
-    load_pipeline(args.source).save_pretrained(target, dtype=dtype)
+    pipeline = load_pipeline(args.source)
+    # Written beside the target and moved into place: a failure (a full disk) leaves nothing behind.
+    partial = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        pipeline.save_pretrained(partial, dtype=dtype)
+        os.replace(partial, target)
+    except OSError as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise SdjaxError(f"convert: writing {target} failed ({err}); nothing was left behind") from None
     print(target)
     return 0
 

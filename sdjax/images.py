@@ -19,8 +19,12 @@ def save_png(path: str | os.PathLike, image: np.ndarray, parameters: str | None 
     if parameters is not None:
         info.add_text("parameters", parameters)
     temporary = path.with_name(f".{path.name}.partial")
-    Image.fromarray(np.asarray(image, np.uint8)).save(temporary, format="PNG", pnginfo=info)
-    os.replace(temporary, path)
+    try:
+        Image.fromarray(np.asarray(image, np.uint8)).save(temporary, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a full disk leaves no half file behind
+        raise
     return path
 
 

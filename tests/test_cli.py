@@ -138,3 +138,38 @@ def test_bad_arguments_fail_fast_without_output(sd1_folder, tmp_path, args, mess
     assert result.returncode == 2
     assert message.format(tmp=tmp_path) in result.stderr
     assert set(tmp_path.iterdir()) == before
+
+
+def test_numbered_outputs_continue_after_existing_ones(tmp_path):
+    for name in ("00000-7.png", "00003-1.png", "notes.png", "shot-00002-5.png"):
+        (tmp_path / name).touch()
+    assert [p.name for p in cli.output_paths(str(tmp_path), [9, 10])] == ["00004-9.png", "00005-10.png"]
+    assert [p.name for p in cli.output_paths(str(tmp_path / "shot.png"), [1, 2])] == ["shot-00003-1.png",
+                                                                                    "shot-00004-2.png"]
+    assert cli.output_paths(str(tmp_path / "one.png"), [4]) == [tmp_path / "one.png"]
+
+
+def test_an_unwritable_output_folder_fails_before_loading(tmp_path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(cli.tempfile, "NamedTemporaryFile", read_only)
+    with pytest.raises(cli.SdjaxError, match="cannot write into .* \\(Read-only file system\\)"):
+        cli.check_output(str(tmp_path))
+
+
+def test_convert_on_a_full_disk_leaves_nothing_and_can_be_rerun(sd1_folder, tmp_path, monkeypatch):
+    from sdjax.pipeline import Pipeline
+    save = Pipeline.save_pretrained
+
+    def disk_full(self, folder, **kwargs):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Pipeline, "save_pretrained", disk_full)
+    target = tmp_path / "converted"
+    assert cli.main(["convert", str(sd1_folder[0]), str(target), "--dtype", "float16"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(Pipeline, "save_pretrained", save)
+    assert cli.main(["convert", str(sd1_folder[0]), str(target), "--dtype", "float16"]) == 0
+    assert (target / "model_index.json").is_file() and [p.name for p in tmp_path.iterdir()] == ["converted"]

@@ -60,3 +60,13 @@ def test_float_images_out_of_range_are_refused_not_clipped():
         images.to_unit_range(np.linspace(0, 255, 48).reshape(4, 4, 3))
     with pytest.raises(InvalidArgumentError, match=r"mask: float values must lie in \[0, 1\].*NaN"):
         images.to_unit_interval(np.array([0.0, np.nan]), "mask")
+
+
+def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    def disk_full(self, target, *args, **kwargs):
+        open(target, "wb").write(b"half a png")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        images.save_png(tmp_path / "out.png", np.zeros((8, 8, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
