@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import glob
+import logging
 import os
 import re
 import shutil
@@ -297,6 +298,23 @@ def controlnet_inputs(args) -> dict:
     return {"height": height, "width": width, "control": controls, "guess_mode": args.guess_mode}
 
 
+def status(text: str) -> None:
+    """One line on stderr per phase, so a long load or compile is never silent."""
+    print(f"sdjax: {text}", file=sys.stderr, flush=True)
+
+
+def show_compile_status(note: str) -> None:
+    """Print the pipeline's "compiling ..." log line as a status line, with `note` after it."""
+    class Status(logging.Handler):
+        def emit(self, record):
+            status(record.getMessage() + note)
+
+    logger = logging.getLogger("sdjax.pipeline")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(Status())
+    logger.propagate = False
+
+
 def seed_arguments(args) -> dict:
     """generate()'s seed arguments: a list of seeds gives one image each, one seed numbers -n images from it."""
     if len(args.seed) > 1:
@@ -345,7 +363,10 @@ def run_sampling_command(args) -> int:
     if not args.no_compile_cache:
         compile_cache.enable(args.cache_dir)
 
+    status(f"loading {args.model or 'the embedded shapes model'}")
     pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention)
+    show_compile_status("" if args.no_compile_cache else " (slow the first time only: later runs read it from "
+                                                         "the compilation cache)")
     result = pipeline.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         guidance_rescale=args.guidance_rescale, sampler=args.sampler, schedule=args.schedule, **seed_arguments(args),

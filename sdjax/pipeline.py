@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import time
 import warnings
@@ -26,6 +27,7 @@ from sdjax.tokenizer import save_tokenizer
 from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub
 
+log = logging.getLogger(__name__)
 _PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -365,6 +367,7 @@ class Pipeline:
         key = self._program_key(inputs, spec)
         if key in self._executables:
             return self._executables[key], 0.0
+        log.info("compiling the %s program for %d image(s)", spec.sampler, len(inputs["seeds"]))
         started = time.perf_counter()
         executable = self._program.lower(params, inputs, spec=spec).compile()
         self._executables[key] = executable
