@@ -5,7 +5,8 @@ the final latents to a 200-step reference (DPM-Solver++(2M)), against NFE, over 
     python -m experiments.ablate experiments/ablations/sampler_order.py
 
 128 held-out prompts per seed, classifier-free guidance 3 (one NFE counts both halves, as in the papers), Karras
-sigmas for every sampler; dpmpp_3m_sde with eta 0 is the deterministic DPM-Solver++(3M).
+sigmas unless an arm names another schedule ("normal": timesteps evenly spaced, as DPM-Solver's time-uniform
+grid); dpmpp_3m_sde with eta 0 is the deterministic DPM-Solver++(3M).
 """
 import functools
 import json
@@ -21,7 +22,10 @@ NFES = (5, 6, 8, 10, 12, 15, 20)
 REFERENCE = ("dpmpp_2m", 200)
 PROMPTS, GUIDANCE, SCHEDULE = 128, 3.0, "karras"
 SAMPLERS = {"ddim": ("sampler=ddim",), "euler": ("sampler=euler",), "dpmpp_2m": ("sampler=dpmpp_2m",),
-            "unipc": ("sampler=unipc",), "dpmpp_3m_sde eta 0": ("sampler=dpmpp_3m_sde", "eta=0")}
+            "unipc": ("sampler=unipc",), "dpmpp_3m_sde eta 0": ("sampler=dpmpp_3m_sde", "eta=0"),
+            "ddim, uniform t": ("sampler=ddim", "schedule=normal"),
+            "dpmpp_2m, uniform t": ("sampler=dpmpp_2m", "schedule=normal"),
+            "unipc, uniform t": ("sampler=unipc", "schedule=normal")}
 
 
 @functools.cache
@@ -36,15 +40,16 @@ def prompts_and_scenes():
     return [p for p, _ in pairs], [s for _, s in pairs]
 
 
-def parse_arm(overrides) -> tuple[str, dict[str, float]]:
-    """("sampler=NAME", "option=value", ...) -> (NAME, {option: value})."""
+def parse_arm(overrides) -> tuple[str, str, dict[str, float]]:
+    """("sampler=NAME", ["schedule=NAME"], "option=value", ...) -> (sampler, schedule, {option: value})."""
     settings = dict(item.split("=", 1) for item in overrides)
-    return settings.pop("sampler"), {key: float(value) for key, value in settings.items()}
+    sampler, schedule = settings.pop("sampler"), settings.pop("schedule", SCHEDULE)
+    return sampler, schedule, {key: float(value) for key, value in settings.items()}
 
 
-def sample(sampler: str, steps: int, seed: int, options=None):
+def sample(sampler: str, steps: int, seed: int, options=None, schedule: str = SCHEDULE):
     prompts, _ = prompts_and_scenes()
-    return pipeline().generate(prompts, steps=steps, guidance_scale=GUIDANCE, sampler=sampler, schedule=SCHEDULE,
+    return pipeline().generate(prompts, steps=steps, guidance_scale=GUIDANCE, sampler=sampler, schedule=schedule,
                                sampler_options=options, seeds=[seed * 100_000 + i for i in range(PROMPTS)])
 
 
@@ -62,14 +67,14 @@ def reference_latents(out: Path, seed: int) -> np.ndarray:
 def measure(run) -> list[dict]:
     from sdjax.samplers.registry import SAMPLERS as REGISTRY
 
-    sampler, options = parse_arm(run.overrides)
+    sampler, schedule, options = parse_arm(run.overrides)
     reference = reference_latents(run.directory.parents[1], run.seed)
     _, scenes = prompts_and_scenes()
     rows = []
     for nfe in NFES:
         steps = nfe  # every sampler here evaluates the model once per step
         assert REGISTRY[sampler].nfe(steps) == nfe, sampler
-        result = sample(sampler, steps, run.seed, options)
+        result = sample(sampler, steps, run.seed, options, schedule)
         rows.append({"nfe": nfe, "adherence": adherence(result.images, scenes)["all"],
                      "latent_mse": float(np.mean((result.latents.astype(np.float64) - reference) ** 2)),
                      "seconds": result.seconds})
