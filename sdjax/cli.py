@@ -303,15 +303,23 @@ def status(text: str) -> None:
     print(f"sdjax: {text}", file=sys.stderr, flush=True)
 
 
-def show_compile_status(note: str) -> None:
-    """Print the pipeline's "compiling ..." log line as a status line, with `note` after it."""
-    class Status(logging.Handler):
-        def emit(self, record):
-            status(record.getMessage() + note)
+class _StatusLines(logging.Handler):
+    """Shows the pipeline's "compiling ..." log record as a status line, with a note after it."""
 
+    def __init__(self, note: str):
+        super().__init__()
+        self.note = note
+
+    def emit(self, record):
+        status(record.getMessage() + self.note)
+
+
+def show_compile_status(note: str) -> None:
     logger = logging.getLogger("sdjax.pipeline")
+    for handler in [h for h in logger.handlers if isinstance(h, _StatusLines)]:  # one per process, not per call
+        logger.removeHandler(handler)
+    logger.addHandler(_StatusLines(note))
     logger.setLevel(logging.INFO)
-    logger.addHandler(Status())
     logger.propagate = False
 
 

@@ -93,7 +93,7 @@ def test_two_shard_processes_give_the_single_process_summary(study_file, tmp_pat
     assert [shard.returncode for shard in shards] == [0, 0], outputs
     ran = [{line.split(":")[0] for line in out.splitlines() if "running in" in line} for out in outputs]
     assert ran[0].isdisjoint(ran[1]) and len(ran[0] | ran[1]) == 9
-    subprocess.run([*command, "--summarise"], cwd=REPO, check=True, capture_output=True)
+    assert ablate.main([str(study_file), "--out", str(tmp_path / "sharded"), "--summarise"]) == 0
     study = ablate.load_study(study_file)
     merged = json.loads((tmp_path / "sharded" / "summary.json").read_text())
     assert merged == json.loads(json.dumps(_single_process_summary(study, tmp_path)))

@@ -24,7 +24,7 @@ def pipeline():
 
 def test_load_pipeline_without_a_model_loads_the_embedded_one(pipeline):
     assert pipeline.is_embedded and pipeline.configs["vae"].latent_channels == 4
-    result = pipeline.generate("a red circle on a blue background", steps=4)
+    result = pipeline.generate("a red circle on a blue background", steps=2)  # the program img2img's test reuses
     assert result.images.shape == (1, 64, 64, 3) and result.images.dtype == np.uint8
     assert result.settings["sampler"] == "dpmpp_2m"  # the folder's DPMSolverMultistep (Karras) config
     assert result.settings["guidance_scale"] == 3.0  # its own best scale, not SD's 7.5
@@ -106,13 +106,12 @@ def test_a_prompt_outside_its_world_still_gives_an_image_and_one_warning(pipelin
 
 
 def test_the_command_without_a_model_uses_the_embedded_one(tmp_path):
-    out = tmp_path / "circle.png"
-    result = sdjax_command("generate", "a red circle on a blue background", "--steps", "8", "--out", str(out),
-                           "--no-compile-cache")
+    out, cache = tmp_path / "circle.png", ["--cache-dir", str(tmp_path / "cache")]  # the second run reads it
+    result = sdjax_command("generate", "a red circle on a blue background", "--steps", "2", "--out", str(out),
+                           *cache)
     assert result.returncode == 0, result.stderr
     assert "Model: sdjax-shapes" in sdjax.images.read_parameters(out)
-    result = sdjax_command("generate", "an astronaut riding a horse", "--steps", "2", "--out", str(out),
-                           "--no-compile-cache")
+    result = sdjax_command("generate", "an astronaut riding a horse", "--steps", "2", "--out", str(out), *cache)
     assert result.returncode == 0, result.stderr
     warning_lines = [line for line in result.stderr.splitlines() if "only knows shapes" in line]
     assert len(warning_lines) == 1 and warning_lines[0].startswith("sdjax: warning:")

@@ -143,11 +143,11 @@ def test_bad_inputs_fail_before_any_compilation(sd1_folder):
     assert pipeline._executables == {}
 
 
-@pytest.mark.parametrize("show_progress", [False, True])
-def test_nan_weights_or_an_overflow_raise_instead_of_giving_black_images(sd1_folder, show_progress):
+def test_nan_weights_or_an_overflow_raise_instead_of_giving_black_images(sd1_folder):
+    """With the progress bar: its windowed program decodes in one branch and returns blanks in the other."""
     pipeline = sdjax.load_pipeline(sd1_folder[0])
     settings = dict(steps=2, sampler="euler", schedule="karras", height=SIZE, width=SIZE, seeds=[3, 4],
-                    show_progress=show_progress)
+                    show_progress=True)
     kernel = pipeline.params["vae"]["decoder"]["conv_out"]["kernel"]
     damaged = np.array(kernel)
     damaged[0, 0, 0, 0] = np.nan

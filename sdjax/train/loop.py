@@ -166,9 +166,9 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     records = scan_folder(config.data.folder, require_captions=config.stage == "unet")
     base = load_pipeline(config.model.pretrained)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
+    store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
     if store.latest_step() is not None:
         check_same_run(workdir, config)
-    store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
     task = build_task(config, base, jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM))
     optimizer = make_optimizer(config.optimizer, config.num_steps)
     state = create_state(task.trainable, task.frozen, optimizer)
