@@ -14,9 +14,9 @@ from sdjax.train.task import Task
 def trained_pipeline(base: Pipeline, task: Task, params: dict[str, Any]) -> Pipeline:
     """The base pipeline with the trained components (architectures and weights) and the training schedule.
     A component trained in part (the VAE's decoder) keeps its other params from the start of the run."""
-    weights = {name: {**initial, **params.get(name, {})} for name, initial in task.initial_params.items()}
-    return Pipeline(task.configs, weights, base.tokenizer, task.scheduler_config, dtype=base.dtype,
-                    raw_configs=task.raw_configs)
+    start = Pipeline(task.configs, task.initial_params, base.tokenizer, task.scheduler_config, dtype=base.dtype,
+                     raw_configs=task.raw_configs)
+    return swap_weights(start, params)
 
 
 def swap_weights(pipeline: Pipeline, params: dict[str, Any]) -> Pipeline:

@@ -42,12 +42,12 @@ def truncate_after(path: Path, step: int) -> None:
     does not parse (half-written when the process was killed) is dropped too, with a warning."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    unreadable = [line for line in lines if _step_of(line) is None]
+    rows = [(line, _step_of(line)) for line in path.read_text().splitlines() if line.strip()]
+    unreadable = [line for line, row_step in rows if row_step is None]
     if unreadable:
         log.warning("%s: dropping %d unreadable line(s) (written when the run was killed?): %.60s",
                     path, len(unreadable), unreadable[-1])
-    kept = [line for line in lines if (_step_of(line) or step + 1) <= step]
+    kept = [line for line, row_step in rows if row_step is not None and row_step <= step]
     path.write_text("".join(line + "\n" for line in kept))
 
 
