@@ -166,8 +166,8 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
     with_data = lambda folder: [f"model.pretrained={folder}", f"data.folder={data_dir}"] + overrides
 
     log.info("data: %s", data_dir)
-    from experiments.shapes.dataset import write_dataset
-    write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED)
+    from experiments.shapes.dataset import write_dataset, write_loss_masks
+    write_loss_masks(write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED))
     if "init" in stages and not init_dir.is_dir():
         log.info("init: tokenizer and fresh weights in %s", init_dir)
         _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED), init_dir)

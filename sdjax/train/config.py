@@ -125,6 +125,9 @@ class DataConfig:
     cache_latents: bool = option(False, "encode every image (and its mirror) once and train from the stored "
                                         "VAE posteriors")
     cache_dir: str = option("", "where the latent cache lives ('' = <workdir>/latent_cache)")
+    loss_mask: bool = option(False, "weigh the diffusion loss per pixel by the grayscale image each metadata.jsonl "
+                                    "line names in its loss_mask field (white 1, black 0; averaged over the "
+                                    "pixels each latent covers), as kohya's masked loss")
 
     def __post_init__(self):
         _check_positive("data.resolution", self.resolution)
@@ -161,6 +164,8 @@ class TrainConfig:
             _check_positive(key, getattr(self, key))
         for key in ("sample_every", "eval_every"):
             _check_positive(key, getattr(self, key), allow_zero=True)
+        if self.data.loss_mask and self.stage != "unet":
+            raise ConfigError("data.loss_mask weighs the diffusion loss of stage unet; stage vae does not use it")
         if self.batch_size % self.optimizer.grad_accumulation:
             raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of optimizer.grad_accumulation "
                               f"= {self.optimizer.grad_accumulation}")

@@ -1,7 +1,9 @@
 """Training data: an image folder with captions, square crops, and a deterministic, checkpointable iterator.
 
 Captions come from `metadata.jsonl` (one {"file_name": ..., "text": ...} per line, the Hugging Face ImageFolder
-convention) or from a `.txt` file next to the image; metadata wins when both exist. Images that cannot be
+convention) or from a `.txt` file next to the image; metadata wins when both exist. A metadata line may also name
+a grayscale `loss_mask` image that weighs the diffusion loss per pixel (`data.loss_mask`, as kohya's masked loss:
+white counts fully, black not at all); mask files are not training images. Images that cannot be
 decoded are skipped with a `SkippedImageWarning` and counted, so one bad file does not end a long run.
 
 The iterator's whole state is (epoch, position): the order of each epoch is a permutation drawn from
@@ -38,23 +40,26 @@ class SkippedImageWarning(UserWarning):
 class Record:
     path: Path
     caption: str | None
+    loss_mask: Path | None = None
 
 
 # ------------------------------------------------------------------------------------- folder scanning
 
-def _read_metadata(path: Path) -> dict[str, str]:
-    """file_name -> text from a metadata.jsonl, with errors naming the line."""
-    captions = {}
+def _read_metadata(path: Path) -> dict[str, tuple[str, str | None]]:
+    """file_name -> (text, loss_mask file name or None) from a metadata.jsonl, with errors naming the line."""
+    entries = {}
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
-            captions[Path(entry["file_name"]).as_posix()] = str(entry["text"])
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            mask = entry.get("loss_mask")
+            entries[Path(entry["file_name"]).as_posix()] = (str(entry["text"]),
+                                                            None if mask is None else Path(mask).as_posix())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise DatasetError(f"{path}:{number}: expected a JSON object with 'file_name' and 'text' "
                                f"({type(err).__name__}: {err})") from None
-    return captions
+    return entries
 
 
 def _sidecar_caption(image: Path) -> str | None:
@@ -62,8 +67,9 @@ def _sidecar_caption(image: Path) -> str | None:
     return sidecar.read_text(encoding="utf-8").strip() if sidecar.is_file() else None
 
 
-def scan_folder(folder: str | Path, *, require_captions: bool = True) -> list[Record]:
-    """Every image under `folder` (recursively, sorted by relative path) with its caption."""
+def scan_folder(folder: str | Path, *, require_captions: bool = True, require_masks: bool = False) -> list[Record]:
+    """Every image under `folder` (recursively, sorted by relative path, loss masks left out) with its caption
+    and loss mask."""
     folder = Path(folder)
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -78,27 +84,37 @@ def scan_folder(folder: str | Path, *, require_captions: bool = True) -> list[Re
         raise DatasetError(f"data.folder {folder} holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     metadata_path = folder / METADATA_FILE
     metadata = _read_metadata(metadata_path) if metadata_path.is_file() else {}
-    missing = [name for name in metadata if not (folder / name).is_file()]
+    masks = {mask for _, mask in metadata.values() if mask is not None}
+    missing = [name for name in [*metadata, *sorted(masks)] if not (folder / name).is_file()]
     if missing:
         raise DatasetError(f"{metadata_path} names {len(missing)} file(s) that do not exist, e.g. {missing[0]!r}")
     records = []
     for path in paths:
         relative = path.relative_to(folder).as_posix()
-        caption = metadata[relative] if relative in metadata else _sidecar_caption(path)
-        records.append(Record(path, caption))
+        if relative in masks:
+            continue
+        caption, mask = metadata.get(relative, (_sidecar_caption(path), None))
+        records.append(Record(path, caption, None if mask is None else folder / mask))
     uncaptioned = [r.path.relative_to(folder).as_posix() for r in records if r.caption is None]
     if require_captions and uncaptioned:
         raise DatasetError(
             f"{len(uncaptioned)} image(s) in {folder} have no caption, e.g. {', '.join(uncaptioned[:3])}. Add a "
             f"line {{\"file_name\": ..., \"text\": ...}} to {METADATA_FILE} or a .txt file next to each image.")
+    unmasked = [r.path.relative_to(folder).as_posix() for r in records if r.loss_mask is None]
+    if require_masks and unmasked:
+        raise DatasetError(
+            f"data.loss_mask is on but {len(unmasked)} image(s) in {folder} have no loss mask, e.g. "
+            f"{', '.join(unmasked[:3])}. Name a grayscale image in each line's \"loss_mask\" field of "
+            f"{metadata_path}, or turn data.loss_mask off.")
     return records
 
 
 # --------------------------------------------------------------------------------------- image transform
 
-def square_crop(image: Image.Image, resolution: int) -> np.ndarray:
-    """uint8 (resolution, resolution, 3): resize so the short side is `resolution`, then center-crop."""
-    image = image.convert("RGB")
+def square_crop(image: Image.Image, resolution: int, mode: str = "RGB") -> np.ndarray:
+    """uint8 (resolution, resolution, 3) (or without the channel axis for mode "L"): resize so the short side is
+    `resolution`, then center-crop."""
+    image = image.convert(mode)
     scale = resolution / min(image.size)
     size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
     image = image.resize(size, Image.Resampling.BICUBIC)
@@ -117,32 +133,45 @@ class Source(Protocol):
 
 
 class ImageSource:
-    """Examples {"pixels": uint8 (H, W, 3), "caption": str} decoded from the image files."""
+    """Examples {"pixels": uint8 (H, W, 3), "caption": str} decoded from the image files, plus
+    "loss_mask": float32 (H, W) in [0, 1] when `loss_masks` is on."""
 
-    def __init__(self, records: list[Record], resolution: int):
-        self.records, self.resolution = records, resolution
+    def __init__(self, records: list[Record], resolution: int, *, loss_masks: bool = False):
+        self.records, self.resolution, self.loss_masks = records, resolution, loss_masks
         self.skipped: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def pixels(self, index: int) -> np.ndarray | None:
+    def _decode(self, path: Path, mode: str) -> np.ndarray | None:
         """The cropped image, or None (warned once per file) when the file cannot be decoded."""
-        path = self.records[index].path
         try:
             with Image.open(path) as image:
-                return square_crop(image, self.resolution)
+                return square_crop(image, self.resolution, mode)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             if path not in self.skipped:
                 self.skipped.add(path)
                 warnings.warn(f"skipping unreadable image {path}: {err}", SkippedImageWarning, stacklevel=2)
             return None
 
+    def pixels(self, index: int) -> np.ndarray | None:
+        return self._decode(self.records[index].path, "RGB")
+
+    def with_loss_mask(self, example: dict[str, Any], index: int, flip: bool) -> dict[str, Any] | None:
+        """`example` with its loss mask added when masks are on; None when the mask cannot be decoded."""
+        if not self.loss_masks:
+            return example
+        mask = self._decode(self.records[index].loss_mask, "L")
+        if mask is None:
+            return None
+        return {**example, "loss_mask": (mask[:, ::-1] if flip else mask).astype(np.float32) / 255.0}
+
     def example(self, index: int, flip: bool) -> dict[str, Any] | None:
         pixels = self.pixels(index)
         if pixels is None:
             return None
-        return {"pixels": pixels[:, ::-1] if flip else pixels, "caption": self.records[index].caption or ""}
+        example = {"pixels": pixels[:, ::-1] if flip else pixels, "caption": self.records[index].caption or ""}
+        return self.with_loss_mask(example, index, flip)
 
 
 # ------------------------------------------------------------------------------------------ the iterator

@@ -54,11 +54,13 @@ def cache_fingerprint(source: ImageSource, random_flip: bool, vae_digest: str) -
 
 
 class CachedLatentSource:
-    """Examples {"moments": float32 (h, w, 2C), "caption": str} read from a cache built by `load_or_build`."""
+    """Examples {"moments": float32 (h, w, 2C), "caption": str} read from a cache built by `load_or_build`; loss
+    masks, when on, are decoded from their files each time (they are not part of the cache)."""
 
     def __init__(self, source: ImageSource, moments: np.ndarray, valid: np.ndarray):
-        self.records, self.moments, self.valid = source.records, moments, valid
-        self.skipped = {r.path for r, ok in zip(source.records, valid) if not ok}
+        self.source, self.records, self.moments, self.valid = source, source.records, moments, valid
+        self.skipped = source.skipped  # one set: images the cache could not encode and masks that fail to decode
+        self.skipped.update(r.path for r, ok in zip(source.records, valid) if not ok)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -66,8 +68,9 @@ class CachedLatentSource:
     def example(self, index: int, flip: bool) -> dict[str, Any] | None:
         if not self.valid[index]:
             return None
-        return {"moments": np.asarray(self.moments[index, int(flip)]),
-                "caption": self.records[index].caption or ""}
+        example = {"moments": np.asarray(self.moments[index, int(flip)]),
+                   "caption": self.records[index].caption or ""}
+        return self.source.with_loss_mask(example, index, flip)
 
 
 def _encode_all(source: ImageSource, encode, vae_params, batch_size: int, out: np.ndarray, valid: np.ndarray) -> None:

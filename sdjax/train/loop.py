@@ -136,7 +136,7 @@ def check_same_run(workdir: Path, config: TrainConfig) -> None:
 
 def make_source(config: TrainConfig, workdir: Path, task: Task, records):
     """The examples of the run: decoded images, or cached VAE posteriors when data.cache_latents is on."""
-    images = ImageSource(records, config.data.resolution)
+    images = ImageSource(records, config.data.resolution, loss_masks=config.data.loss_mask)
     if not (config.data.cache_latents and task.encode_moments is not None):
         return images
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else workdir / "latent_cache"
@@ -163,7 +163,8 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     if not config.model.pretrained:
         raise ConfigError("model.pretrained is empty: set it to a diffusers folder (e.g. --set "
                           "model.pretrained=path/to/stable-diffusion-v1-5)")
-    records = scan_folder(config.data.folder, require_captions=config.stage == "unet")
+    records = scan_folder(config.data.folder, require_captions=config.stage == "unet",
+                          require_masks=config.data.loss_mask)
     base = load_pipeline(config.model.pretrained)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
     store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write

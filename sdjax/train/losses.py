@@ -37,15 +37,26 @@ def drop_captions(key, input_ids, empty_ids, probability: float):
     return jnp.where(drop, empty_ids[None, :], input_ids)
 
 
-def weighted_mse(prediction, target, weight):
-    """mean over the batch of weight * (mean squared error of each sample)."""
-    per_sample = jnp.mean(jnp.square(prediction.astype(jnp.float32) - target), axis=tuple(range(1, target.ndim)))
-    return jnp.mean(weight * per_sample)
+def weighted_mse(prediction, target, weight, pixel_weight=None):
+    """mean over the batch of weight * (mean squared error of each sample), each element's error weighted by
+    `pixel_weight` (B, h, w) when given."""
+    error = jnp.square(prediction.astype(jnp.float32) - target)
+    if pixel_weight is not None:
+        error = error * pixel_weight[..., None]
+    return jnp.mean(weight * jnp.mean(error, axis=tuple(range(1, target.ndim))))
+
+
+def pool_mask(mask, size: tuple[int, int]):
+    """A pixel mask (B, H, W) averaged over the blocks each of `size` = (h, w) latent pixels covers."""
+    batch, height, width = mask.shape
+    blocks = mask.reshape(batch, size[0], height // size[0], size[1], width // size[1])
+    return blocks.mean(axis=(2, 4))
 
 
 def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: str, config: DiffusionConfig,
                         vae_config: VAEConfig, empty_ids) -> LossFn:
-    """The latent diffusion loss on batches {"moments": (B, h, w, 2C), "input_ids": (B, L)}.
+    """The latent diffusion loss on batches {"moments": (B, h, w, 2C), "input_ids": (B, L)} and optionally
+    "loss_mask": (B, H, W) pixel weights (`data.loss_mask`).
 
     Draws latents from the VAE posterior, timesteps uniformly from the training schedule, and noise; predicts
     with the U-Net conditioned on the text encoder's embeddings; MSE to the configured target with optional
@@ -66,8 +77,9 @@ def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: 
         ids = drop_captions(caption_key, batch["input_ids"], empty_ids, config.caption_dropout)
         context = text_encoder.apply({"params": weights["text_encoder"]}, ids).prompt_embeds
         prediction = unet.apply({"params": weights["unet"]}, add_noise(x0, noise, alpha_bar), t, context)
+        pixel_weight = pool_mask(batch["loss_mask"], x0.shape[1:3]) if "loss_mask" in batch else None
         loss = weighted_mse(prediction, model.target(x0, noise, alpha_bar),
-                            model.loss_weight(alpha_bar, config.min_snr_gamma))
+                            model.loss_weight(alpha_bar, config.min_snr_gamma), pixel_weight)
         return loss, {"loss": loss}
 
     return loss_fn

@@ -146,7 +146,10 @@ def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
     encode = make_moments_encoder(COMPONENTS["vae"].build(arch["vae"], jnp.float32, model.attention))
     to_moments = ((lambda host: jnp.asarray(host["moments"])) if config.data.cache_latents
                   else (lambda host: encode(params["vae"], host["pixels"])))
+
+    def prepare_batch(host):
+        batch = {"moments": to_moments(host), "input_ids": base.tokenize(host["caption"])}
+        return {**batch, "loss_mask": jnp.asarray(host["loss_mask"])} if "loss_mask" in host else batch
+
     return Task(**common, frozen={} if "text_encoder" in trained else {"text_encoder": params["text_encoder"]},
-                loss_fn=loss_fn,
-                prepare_batch=lambda host: {"moments": to_moments(host), "input_ids": base.tokenize(host["caption"])},
-                encode_moments=encode)
+                loss_fn=loss_fn, prepare_batch=prepare_batch, encode_moments=encode)
