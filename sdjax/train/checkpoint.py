@@ -5,9 +5,16 @@ Atomicity comes from orbax: a step is written into a temporary folder and rename
 is complete, so a crash mid-save leaves the earlier steps intact (the leftover temporary folder is removed
 when the next manager opens the directory). Writes are asynchronous: training continues while the previous
 checkpoint is written, and `wait` blocks until it is on disk.
+
+What orbax cannot prevent (a file damaged or deleted afterwards, a disk that lied) is caught on resume: a
+checkpoint that does not read back is moved aside to `<step>.damaged`, with a warning, and the newest intact
+one is used.
 """
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +24,23 @@ import orbax.checkpoint as ocp
 from sdjax.errors import SdjaxError
 
 ITEMS = ("state", "data", "model")
+log = logging.getLogger("sdjax.train")
 
 
 class CheckpointMismatchError(SdjaxError, ValueError):
     """The run directory holds checkpoints of a different model than the config describes."""
+
+
+class CheckpointDamagedError(SdjaxError, ValueError):
+    """No checkpoint of the run directory reads back."""
+
+
+class DiskFullError(SdjaxError, OSError):
+    """The run directory's disk has no room for the next checkpoint (or metrics line)."""
+
+
+def tree_bytes(tree: Any) -> int:
+    return sum(int(getattr(leaf, "nbytes", 0)) for leaf in jax.tree.leaves(tree))
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -49,11 +69,16 @@ class CheckpointStore:
         return list(self._manager.all_steps())
 
     def check_model(self, fingerprint: dict[str, Any]) -> None:
-        """Raise CheckpointMismatchError if the latest checkpoint was written for another model."""
-        step = self.latest_step()
-        if step is None:
+        """Raise CheckpointMismatchError if the latest checkpoint whose fingerprint reads back was written for
+        another model (an unreadable one is left to `restore_latest`)."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                saved = self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
+                break
+            except Exception:  # noqa: BLE001 - damage of any kind; restore_latest reports it
+                continue
+        else:
             return
-        saved = self._manager.restore(step, args=ocp.args.Composite(model=ocp.args.JsonRestore())).model
         differences = _differences(saved, fingerprint)
         if differences:
             listing = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
@@ -62,9 +87,18 @@ class CheckpointStore:
                 f"changed there. Use a new --workdir, or the config that run was started with (its config.json).")
 
     def save(self, step: int, state_tree: Any, data_state: dict, fingerprint: dict) -> bool:
-        """Start writing checkpoint `step` (returns False when it already exists)."""
+        """Start writing checkpoint `step` (returns False when it already exists). Raises DiskFullError, before
+        writing anything, when the disk lacks room for it: orbax would fail midway in a background thread."""
         if step in self._manager.all_steps():
             return False
+        self._manager.wait_until_finished()  # the previous save's bytes count against the free space
+        needed, free = int(tree_bytes(state_tree) * 1.1) + (1 << 20), shutil.disk_usage(self.directory).free
+        if free < needed:
+            previous = self.latest_step()
+            kept = f"checkpoint {previous} is intact; free space and rerun the same command to resume from it" \
+                if previous is not None else "free space and rerun the same command"
+            raise DiskFullError(f"no room for checkpoint {step} in {self.directory}: it needs about "
+                                f"{needed / 2**20:.0f} MiB and the disk has {free / 2**20:.0f} MiB free; {kept}")
         return self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state_tree), data=ocp.args.JsonSave(data_state),
             model=ocp.args.JsonSave(fingerprint)), force=True)
@@ -76,6 +110,25 @@ class CheckpointStore:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
         return restored.state, restored.data
+
+    def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+        """(step, state tree, data-iterator state) of the newest checkpoint that reads back, or None when there
+        is none. Newer ones that fail are moved aside to `<step>.damaged` (kept, not deleted) with a warning."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return (step, *self.restore(like, step))
+            except Exception as err:  # noqa: BLE001 - orbax and TensorStore raise many types for damaged files
+                aside = self.directory / f"{step}.damaged"
+                log.warning("checkpoint %s does not read back (%s: %s); moved it to %s and trying the one before",
+                            self.directory / str(step), type(err).__name__, str(err).splitlines()[0][:300], aside)
+                os.replace(self.directory / str(step), aside)
+                self._manager.reload()
+        if steps:
+            raise CheckpointDamagedError(
+                f"no checkpoint in {self.directory} reads back (moved aside as *.damaged: "
+                f"{', '.join(map(str, steps))}); the run cannot resume. Start it again in a new --workdir.")
+        return None
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -9,12 +9,14 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sdjax.errors import ConfigError, did_you_mean
 from sdjax.parameterization import PARAMETERIZATIONS
+from sdjax.weights.diffusers_folder import read_json
 
 STAGES = ("unet", "vae")
 
@@ -272,20 +274,43 @@ def from_dict(raw: dict[str, Any]) -> TrainConfig:
     return replace(TrainConfig(), flat)
 
 
+def _line_in(path: Path, err: BaseException) -> str:
+    """", line N" of the innermost frame of `err`'s traceback inside `path` (or of a SyntaxError in it)."""
+    if isinstance(err, SyntaxError) and err.filename == str(path):
+        return f", line {err.lineno}"
+    lines = [frame.lineno for frame in traceback.extract_tb(err.__traceback__) if frame.filename == str(path)]
+    return f", line {lines[-1]}" if lines else ""
+
+
+def _run_get_config(path: Path) -> TrainConfig:
+    """`get_config()` of an experiment file; anything that goes wrong names the file and line."""
+    spec = importlib.util.spec_from_file_location(f"_sdjax_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ConfigError(f"{path} has no get_config() function returning a sdjax.train.config.TrainConfig")
+        config = module.get_config()
+    except ConfigError as err:  # e.g. an invalid choice in TrainConfig(...): say which file made it
+        message = str(err) if str(err).startswith(str(path)) else f"{path}{_line_in(path, err)}: {err}"
+        raise ConfigError(message) from err
+    except Exception as err:  # the user's code: say where it failed, keep the traceback chained
+        raise ConfigError(f"{path}{_line_in(path, err)}: get_config() failed: {type(err).__name__}: {err}") from err
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
+    return config
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> TrainConfig:
     """Run `get_config()` of an experiment file (or read a run's config.json) and apply the overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     if path.suffix == ".json":
-        config = from_dict(json.loads(path.read_text()))
+        try:
+            config = from_dict(read_json(path))
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(err).startswith(str(path)) else f"{path}: {err}") from None
     else:
-        spec = importlib.util.spec_from_file_location(f"_sdjax_experiment_{path.stem}", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ConfigError(f"{path} has no get_config() function returning a sdjax.train.config.TrainConfig")
-        config = module.get_config()
-        if not isinstance(config, TrainConfig):
-            raise ConfigError(f"{path}: get_config() returned {type(config).__name__}, expected TrainConfig")
+        config = _run_get_config(path)
     return apply_overrides(config, overrides)

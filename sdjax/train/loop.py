@@ -160,6 +160,8 @@ class _Run:
 def _start(config: TrainConfig, workdir: Path) -> _Run:
     """Validate, build the model, and restore the latest checkpoint. Bad data, a bad config or a checkpoint of
     another model fail here before anything in `workdir` is written."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a folder; give the run a folder of its own")
     if not config.model.pretrained:
         raise ConfigError("model.pretrained is empty: set it to a diffusers folder (e.g. --set "
                           "model.pretrained=path/to/stable-diffusion-v1-5)")
@@ -175,8 +177,9 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     state = create_state(task.trainable, task.frozen, optimizer)
     source = make_source(config, workdir, task, records)
     batches = BatchIterator(source, config.batch_size, config.seed, random_flip=config.data.random_flip)
-    if store.latest_step() is not None:
-        restored, data_state = store.restore(checkpointed(state))
+    latest = store.restore_latest(checkpointed(state))
+    if latest is not None:
+        _, restored, data_state = latest
         state = with_checkpointed(state, restored)
         batches.restore(data_state)
         log.info("resumed from step %d", int(state.step))

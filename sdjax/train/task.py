@@ -4,7 +4,6 @@ and frozen params, the noise schedule, the loss, and the conversion of host batc
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ from sdjax.models.components import COMPONENTS
 from sdjax.train.config import TrainConfig
 from sdjax.train.latents import make_moments_encoder
 from sdjax.train.losses import LossFn, make_diffusion_loss, make_vae_loss
+from sdjax.weights.diffusers_folder import read_json
 
 if TYPE_CHECKING:  # the base model is a loaded Pipeline; training sits below it and only reads its fields
     from sdjax.pipeline import Pipeline
@@ -55,7 +55,7 @@ def component_config(name: str, choice: str, base_config):
     if not path.is_file():
         raise ConfigError(f"model.{name}_config = {choice!r} is neither a preset ({', '.join(component.presets)}) "
                           f"nor an existing config.json")
-    return component.config_class.from_dict(json.loads(path.read_text()), source=str(path))
+    return component.config_class.from_dict(read_json(path), source=str(path))
 
 
 def training_scheduler_config(base: dict[str, Any], config: TrainConfig) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.train.checkpoint import CheckpointMismatchError, CheckpointStore
+from sdjax.train.checkpoint import CheckpointDamagedError, CheckpointMismatchError, CheckpointStore, DiskFullError
 from sdjax.train.config import OptimizerConfig
 from sdjax.train.state import checkpointed, create_state, make_optimizer
 from tests.train.conftest import REPO
@@ -74,3 +74,56 @@ def test_a_checkpoint_of_another_model_is_refused(tmp_path):
     other = {"stage": "unet", "trained": {"unet": {"block_out_channels": [32, 32]}}}
     with pytest.raises(CheckpointMismatchError, match=r"step 3.*unet\.block_out_channels: \[32, 64\].*\[32, 32\]"):
         store.check_model(other)
+
+
+def _damage(step_dir):
+    """Truncate every file of a written checkpoint to half its size, as a disk fault or a bad copy would."""
+    for path in step_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_one_before_resumes(tmp_path, caplog):
+    directory = tmp_path / "c"
+    store = CheckpointStore(directory)
+    for step in (1, 2):
+        store.save(step, tree(float(step)), {"epoch": 0, "position": step}, MODEL)
+    store.wait()
+    _damage(directory / "2")
+
+    store = CheckpointStore(directory)
+    store.check_model(MODEL)  # the damaged fingerprint is passed over, the intact one compared
+    with caplog.at_level("WARNING", logger="sdjax.train"):
+        step, restored, data_state = store.restore_latest(tree(0.0))
+    assert step == 1 and int(restored["step"]) == 1 and data_state == {"epoch": 0, "position": 1}
+    assert "does not read back" in caplog.text and "2.damaged" in caplog.text
+    assert (directory / "2.damaged").is_dir() and store.all_steps() == [1]  # kept for inspection, out of the way
+    store.save(2, tree(2.0), {"epoch": 0, "position": 2}, MODEL)  # the run writes step 2 again
+    store.wait()
+    assert CheckpointStore(directory).restore_latest(tree(0.0))[0] == 2
+
+
+def test_no_intact_checkpoint_is_an_error_and_an_empty_store_is_a_fresh_start(tmp_path):
+    assert CheckpointStore(tmp_path / "empty").restore_latest(tree(0.0)) is None
+    store = CheckpointStore(tmp_path / "c")
+    store.save(1, tree(1.0), {}, MODEL)
+    store.wait()
+    _damage(tmp_path / "c" / "1")
+    with pytest.raises(CheckpointDamagedError, match=r"no checkpoint in .*c reads back.*1.*new --workdir"):
+        CheckpointStore(tmp_path / "c").restore_latest(tree(0.0))
+    assert (tmp_path / "c" / "1.damaged").is_dir()
+
+
+def test_a_full_disk_is_refused_before_the_save_starts(tmp_path, monkeypatch):
+    import shutil as real_shutil
+
+    store = CheckpointStore(tmp_path / "c")
+    store.save(1, tree(1.0), {}, MODEL)
+    store.wait()
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr("sdjax.train.checkpoint.shutil.disk_usage",
+                        lambda path: usage._replace(free=512 * 1024))
+    with pytest.raises(DiskFullError, match=r"no room for checkpoint 2 .*MiB free; checkpoint 1 is intact.*rerun"):
+        store.save(2, tree(2.0), {}, MODEL)
+    store.wait()
+    assert store.all_steps() == [1] and sorted(p.name for p in (tmp_path / "c").iterdir()) == ["1"]

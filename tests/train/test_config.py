@@ -43,6 +43,36 @@ def test_invalid_values_name_the_key():
         apply_overrides(TrainConfig(), ["num_steps"])
 
 
+def test_broken_config_files_name_the_file_and_line(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"seed": 1,\n "batch_size": }')
+    with pytest.raises(ConfigError, match=r"broken\.json: not valid JSON.*line 2"):
+        load_config(broken)
+    (tmp_path / "typo.json").write_text('{"batchsize": 2}')
+    with pytest.raises(ConfigError, match=r"typo\.json: unknown config key 'batchsize'"):
+        load_config(tmp_path / "typo.json")
+    cases = {
+        "raises.py": ("def get_config():\n    return {}['lr']\n", r"raises\.py, line 2: get_config\(\) failed: KeyError"),
+        "syntax.py": ("def get_config(:\n", r"syntax\.py, line 1: get_config\(\) failed: SyntaxError"),
+        "imports.py": ("import not_a_module\n", r"imports\.py, line 1: .*ModuleNotFoundError.*not_a_module"),
+        "choice.py": ("from sdjax.train.config import TrainConfig\n\ndef get_config():\n"
+                      "    return TrainConfig(stage='vea')\n", r"choice\.py, line 4: stage = 'vea'.*'vae'"),
+        "missing.py": ("x = 1\n", r"missing\.py has no get_config\(\)"),
+    }
+    for name, (source, message) in cases.items():
+        (tmp_path / name).write_text(source)
+        with pytest.raises(ConfigError, match=message):
+            load_config(tmp_path / name)
+
+
+def test_a_broken_architecture_file_is_named(tmp_path):
+    from sdjax.train.task import component_config
+
+    (tmp_path / "unet.json").write_text('{"block_out_channels": [32, 64,]}')
+    with pytest.raises(ConfigError, match=r"unet\.json: not valid JSON"):
+        component_config("unet", str(tmp_path / "unet.json"), None)
+
+
 def test_resolved_config_round_trips_through_json():
     config = load_config(EXPERIMENT, ["seed=5", "sample_prompts=x|y"])
     assert from_dict(json.loads(json.dumps(to_dict(config)))) == config

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sdjax
+from sdjax.errors import ConfigError
 from sdjax.train.checkpoint import CheckpointMismatchError
 from sdjax.train.data import DatasetError
 from tests.train.conftest import EXPERIMENT, REFERENCE_STEPS, read_losses, run_training
@@ -83,6 +84,10 @@ def test_bad_data_fails_before_the_workdir_is_written(tiny_overrides, tmp_path):
     with pytest.raises(DatasetError, match="holds no images"):
         run_training(tiny_overrides, tmp_path / "run", f"data.folder={tmp_path / 'empty'}")
     assert not (tmp_path / "run").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder"):
+        run_training(tiny_overrides, tmp_path / "notes.txt")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_sample_grid_from_the_trained_weights(reference_run, tmp_path):
