@@ -49,7 +49,7 @@ from sdjax.train.state import (
     with_checkpointed,
 )
 from sdjax.train.step import make_train_step
-from sdjax.train.task import Task, architectures, build_task, fingerprint
+from sdjax.train.task import Task, architectures, build_task, fingerprint, trained_components
 
 log = logging.getLogger("sdjax.train")
 
@@ -167,6 +167,7 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
                           "model.pretrained=path/to/stable-diffusion-v1-5)")
     records = scan_folder(config.data.folder, require_captions=config.stage == "unet",
                           require_masks=config.data.loss_mask)
+    log.info("loading the base model %s", config.model.pretrained)
     base = load_pipeline(config.model.pretrained)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
     store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
@@ -211,6 +212,9 @@ def train(config: TrainConfig, workdir: str | Path, *,
             run.store.save(int(state.step), checkpointed(state), run.batches.state(), task.fingerprint)
 
         step = start
+        if step < config.num_steps:  # the first step compiles: minutes for a large model
+            log.info("compiling the train step (%s trained) and starting at step %d",
+                     ", ".join(trained_components(config)), step)
         try:
             while step < config.num_steps and not stop.requested:
                 batch = task.prepare_batch(next(run.batches))
