@@ -27,6 +27,7 @@ from sdjax.samplers.common import (
     ancestral_step, euler_move, is_concrete_zero, log_interp, require_key, require_nonnegative, scan_steps,
     step_noise, substep_noise, to_d, unless_final, working_arrays)
 from sdjax.samplers.registry import register
+from sdjax.samplers.stepping import varying_carry
 
 # Two evaluations per step, except the step into sigma = 0, which is an Euler step.
 _TWO_PER_STEP_BUT_LAST = lambda steps: 2 * steps - 1
@@ -369,6 +370,6 @@ def dpm_adaptive(denoise, x, sigmas, key=None, *, order=3, rtol=0.05, atol=0.007
 
     start = _AdaptiveState(x=x, x_prev_low=x, s=-jnp.log(sigmas[0]), h=jnp.asarray(h_init, x.dtype),
                            inverse_errors=jnp.ones(3, x.dtype), iteration=jnp.asarray(0))
-    state = jax.lax.while_loop(unfinished, trial, start)
+    state = jax.lax.while_loop(unfinished, trial, varying_carry(trial, start))
     return jax.lax.cond(ends_in_zero, lambda: denoise(state.x, jnp.exp(-state.s)), lambda: state.x)
 

@@ -42,8 +42,35 @@ def window(w: Window):
         _active.reset(token)
 
 
+def _vma(value) -> frozenset:
+    """The mesh axes a value (or a ShapeDtypeStruct) varies over inside shard_map; empty outside it. JAX 0.10
+    keeps them in the type's `manual_axis_type.varying`, earlier versions in `vma`."""
+    aval = value if isinstance(value, jax.ShapeDtypeStruct) else jax.typeof(value)
+    axis_type = getattr(aval, "manual_axis_type", None)
+    return frozenset(axis_type.varying) if axis_type is not None else frozenset(getattr(aval, "vma", ()))
+
+
+def varying_carry(body, carry):
+    """`carry` with each leaf cast to vary over the `jax.shard_map` mesh axes that `body(carry)`'s matching leaf
+    varies over. A loop's carry must keep its type, and state initialised from constants (a zero history, an
+    error estimate) is invariant until the first step derives it from the image. Outside shard_map (no axes
+    anywhere) the carry is returned untouched without tracing `body`."""
+    if not any(_vma(leaf) for leaf in jax.tree.leaves(carry)):
+        return carry
+    for _ in jax.tree.leaves(carry):  # a cast can make more of the body's outputs vary: repeat to a fixed point
+        produced = jax.tree.leaves(jax.eval_shape(body, carry))
+        missing = [tuple(sorted(_vma(out) - _vma(leaf))) for leaf, out in zip(jax.tree.leaves(carry), produced)]
+        if not any(missing):
+            break
+        leaves = [jax.lax.pcast(leaf, axes, to="varying") if axes else leaf
+                  for leaf, axes in zip(jax.tree.leaves(carry), missing)]
+        carry = jax.tree.unflatten(jax.tree.structure(carry), leaves)
+    return carry
+
+
 def scan(body, carry, xs):
     """The final carry of `lax.scan(body, carry, xs)` (body returns (carry, None)), or of the active window."""
+    carry = varying_carry(lambda c: body(c, jax.tree.map(lambda x: x[0], xs))[0], carry)
     w = _active.get()
     if w is None:
         return jax.lax.scan(body, carry, xs)[0]
