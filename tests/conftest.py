@@ -7,6 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest
 
+try:  # torch, the tests' reference, runs models of a few thousand weights: one thread is the fastest by far.
+    import torch  # (Its threads spin-wait on each other; beside XLA's own CPU threads on a 2-core machine
+except ImportError:  # a tiny pipeline call took 15 s with 2 threads and 0.2 s with 1.)
+    pass
+else:
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def sd1_folder(tmp_path_factory):

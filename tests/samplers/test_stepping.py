@@ -1,5 +1,7 @@
 """Running a sampler a window of steps at a time (what the progress bar does) gives bitwise the result of running
 it whole, for single-step, multistep, predictor-corrector and stochastic samplers alike."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +19,23 @@ def denoise(x, sigma):
     return (0.3 * sigma**2 + 0.64 * x) / (0.64 + sigma**2) + 0.01 * jnp.sin(x)
 
 
-def run_windows(name, x, key, windows):
-    """The sampler once per window, the carry handed from one call to the next, as Pipeline does."""
+def inputs():
+    return jax.random.normal(jax.random.key(0), (2, 3, 3, 4)) * SIGMAS[0], jax.random.key(1)
+
+
+# Both windowings of a sampler run the same whole program and the same window program (start, stop and resume are
+# traced), so each is compiled once per sampler and shared by the two parametrisations.
+@functools.lru_cache(maxsize=None)
+def whole_run(name):
+    x, key = inputs()
+    return jax.jit(lambda: get_sampler(name)(denoise, x, SIGMAS, key))()
+
+
+@functools.lru_cache(maxsize=None)
+def window_program(name):
+    """(the sampler over one window as a jitted call, the zero carry it starts from)."""
+    x, key = inputs()
+
     @jax.jit
     def call(start, stop, resume, carry):
         w = stepping.Window(start, stop, resume, carry)
@@ -32,7 +49,12 @@ def run_windows(name, x, key, windows):
             get_sampler(name)(denoise, x, SIGMAS, key)
         return w.final_carry
 
-    carry = jax.tree.map(jnp.zeros_like, jax.eval_shape(discover, 0, 1, False))
+    return call, jax.tree.map(jnp.zeros_like, jax.eval_shape(discover, 0, 1, False))
+
+
+def run_windows(name, windows):
+    """The sampler once per window, the carry handed from one call to the next, as Pipeline does."""
+    call, carry = window_program(name)
     for start, stop in windows:
         out, carry = call(start, stop, start > 0, carry)
     return out
@@ -41,10 +63,7 @@ def run_windows(name, x, key, windows):
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 @pytest.mark.parametrize("windows", [[(k, k + 1) for k in range(6)], [(0, 2), (2, 5), (5, 6)]])
 def test_windows_reproduce_the_whole_run_bitwise(name, windows):
-    x = jax.random.normal(jax.random.key(0), (2, 3, 3, 4)) * SIGMAS[0]
-    key = jax.random.key(1)
-    whole = jax.jit(lambda: get_sampler(name)(denoise, x, SIGMAS, key))()
-    np.testing.assert_array_equal(run_windows(name, x, key, windows), whole)
+    np.testing.assert_array_equal(run_windows(name, windows), whole_run(name))
 
 
 def test_without_a_window_the_loop_is_a_plain_scan():
