@@ -93,6 +93,8 @@ def generation_settings(settings: Mapping[str, str]) -> dict:
         result["guidance_rescale"] = float(settings["Guidance rescale"])
     if "Clip skip" in settings:
         result["clip_skip"] = int(settings["Clip skip"])
+    # A1111's own PNGs do not say: their prompts are written in its syntax
+    result["prompt_syntax"] = settings.get("Prompt syntax", "a1111")
     if "Size" in settings:
         result["width"], result["height"] = (int(v) for v in settings["Size"].lower().split("x"))
     if "Denoising strength" in settings:

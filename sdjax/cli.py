@@ -82,6 +82,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT, multiples of the VAE factor (default: the "
                                                   "model's native size)")
     parser.add_argument("--clip-skip", type=int, default=None, help="use the text encoder's n-th last layer")
+    parser.add_argument("--prompt-syntax", default="diffusers", choices=("diffusers", "a1111"),
+                        help="diffusers: plain text cut at 77 tokens; a1111: (word:1.3) and [word] emphasis, BREAK, "
+                             "prompts of any length in chunks of 75 tokens, as in A1111 and ComfyUI")
     parser.add_argument("--out", default=".", help="PNG file, or an existing folder for numbered PNGs")
     parser.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -212,6 +215,7 @@ def apply_png_settings(args) -> None:
     args.guidance_scale = found.get("guidance_scale", args.guidance_scale)
     args.guidance_rescale = found.get("guidance_rescale", 0.0)
     args.clip_skip = found.get("clip_skip")
+    args.prompt_syntax = found["prompt_syntax"]
     if "width" in found:
         args.size = (found["width"], found["height"])
     if hasattr(args, "strength") and "strength" in found:
@@ -378,7 +382,7 @@ def run_sampling_command(args) -> int:
     result = pipeline.generate(
         args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
         guidance_rescale=args.guidance_rescale, sampler=args.sampler, schedule=args.schedule, **seed_arguments(args),
-        clip_skip=args.clip_skip, batch_invariant=args.batch_invariant,
+        clip_skip=args.clip_skip, batch_invariant=args.batch_invariant, prompt_syntax=args.prompt_syntax,
         show_progress=sys.stderr.isatty() if args.progress is None else args.progress, **inputs)
     hits = compile_cache.hits()
     cached = f" ({hits} program(s) read from the persistent compilation cache)" if hits else ""
@@ -402,7 +406,7 @@ def png_parameters(args, result, seed: int, image) -> str:
         "CFG scale": f"{settings['guidance_scale']:g}", "Seed": seed, "Size": f"{image.shape[1]}x{image.shape[0]}",
         "Model": Path(args.model).name if args.model else "sdjax-shapes",
         "Denoising strength": getattr(args, "strength", None), "Clip skip": args.clip_skip,
-        "Guidance rescale": args.guidance_rescale or None,
+        "Guidance rescale": args.guidance_rescale or None, "Prompt syntax": args.prompt_syntax,
         "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
 
 

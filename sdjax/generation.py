@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from sdjax import control, denoisers
 from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
+from sdjax.prompt_syntax import emphasize
 from sdjax.models.controlnet import sum_residuals
 from sdjax.samplers import get_sampler, stepping
 
@@ -52,7 +53,7 @@ class ProgramSpec:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The pure apply functions the program calls; hashable so that jit can treat them as static."""
-    encode_text: Callable  # (params, ids, clip_skip) -> (N, 77, D)
+    encode_text: Callable  # (params, ids (N, 77 * K), clip_skip) -> (N, 77 * K, D)
     unet: Callable         # (params, x_vp, t, encoder_hidden_states, down_residuals, mid_residual) -> raw output
     decode: Callable       # (params, scaled latents) -> pixels in [-1, 1]
 
@@ -61,7 +62,8 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     """(uint8 images (N, H, W, 3), finite (N,): whether every decoded pixel was a number) and the final (VP)
     latents. The flag exists because the uint8 conversion turns NaN into black without a trace.
 
-    inputs: cond_ids, uncond_ids (N, 77); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
+    inputs: cond_ids, uncond_ids (N, 77 * K), with cond_weights, uncond_weights (N, K, 77) for emphasis
+    (`sdjax.prompt_syntax`); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
     sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
     of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
     needs them; for ControlNets control_images (a tuple of (N, H, W, 3) in [0, 1]) and control_scales,
@@ -89,10 +91,12 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         image = jax.tree.map(lambda v: v[None], per_image)
         noise_key, sampler_key = jax.random.split(jax.random.key(per_image["seeds"]))
         noise = image["noise"] if "noise" in image else jax.random.normal(noise_key, (1, *spec.latent_shape))
-        cond = {"encoder_hidden_states": models.encode_text(params["text_encoder"], image["cond_ids"],
-                                                            spec.clip_skip)}
-        uncond = {"encoder_hidden_states": models.encode_text(params["text_encoder"], image["uncond_ids"],
-                                                              spec.clip_skip)}
+        def text(side):  # "cond" or "uncond": the prompt's embeddings, weighted when the syntax gave weights
+            embeddings = models.encode_text(params["text_encoder"], image[f"{side}_ids"], spec.clip_skip)
+            weights = image.get(f"{side}_weights")
+            return embeddings if weights is None else emphasize(embeddings, weights)
+
+        cond, uncond = {"encoder_hidden_states": text("cond")}, {"encoder_hidden_states": text("uncond")}
         if spec.inpaint == "channels":
             for side in (cond, uncond):
                 side.update(mask=image["mask"], masked_image_latents=image["masked_image_latents"])

@@ -10,13 +10,13 @@ import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import embedded, generation, progress, schedules
+from sdjax import embedded, generation, progress, prompt_syntax as syntax, schedules
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
 from sdjax.images import as_array, to_unit_interval, to_unit_range
@@ -69,12 +69,18 @@ class Pipeline:
 
     # --- contract methods --------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int | None = None) -> jax.Array:
-        """Text embeddings (N, 77, D) for a list of prompts; `clip_skip=1` uses the penultimate layer."""
+    def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int | None = None,
+                      prompt_syntax: str = "diffusers") -> jax.Array:
+        """Text embeddings (N, 77, D) for a list of prompts; `clip_skip=1` uses the penultimate layer.
+        With prompt_syntax="a1111" (`sdjax.prompt_syntax`): emphasis weights applied, (N, 77 * K, D) for prompts
+        of up to K chunks of 75 tokens."""
         if isinstance(prompts, str):
             raise InvalidArgumentError("prompts must be a list of strings, got a single string; wrap it in [...]")
-        ids = self.tokenize(prompts)
-        return self._text_fn(self.params["text_encoder"], ids, clip_skip=clip_skip)
+        if syntax.check_syntax(prompt_syntax) == "diffusers":
+            return self._text_fn(self.params["text_encoder"], self.tokenize(prompts), clip_skip=clip_skip)
+        [(ids, weights)] = syntax.a1111_inputs(self.tokenizer, [prompts])
+        embeddings = self._text_fn(self.params["text_encoder"], jnp.asarray(ids), clip_skip=clip_skip)
+        return syntax.emphasize(embeddings, jnp.asarray(weights))
 
     def tokenize(self, prompts: Sequence[str]) -> jax.Array:
         """Token ids (N, max_length), padded and truncated as diffusers' Stable Diffusion pipelines do;
@@ -124,20 +130,30 @@ class Pipeline:
         return plan_from_names(sampler, schedule, steps, self.alphas_cumprod, sampler_options)
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 steps: int = 30, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-                 sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
-                 seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
-                 width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
-                 control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
-                 batch_invariant: bool = False, show_progress: bool = False,
-                 edit: "Edit | None" = None) -> "GenerationResult":
-        """Text to image. Image i's noise comes from seeds[i] (default seed + i) alone (one prompt with several
-        seeds gives one image per seed); `latents` (N, h, w, c) replaces that noise, unscaled, as diffusers'
-        `latents` argument does.
+                 show_progress: bool = False, **settings) -> "GenerationResult":
+        """Text to image: the call `prepare(prompt, negative_prompt, **settings)` describes (its docstring lists
+        every setting: steps, guidance_scale, sampler, schedule, seed/seeds, height/width, control, ...), run.
+        show_progress: a progress bar on stderr (the program then runs one sampler step per call)."""
+        return self.prepare(prompt, negative_prompt, **settings).run(show_progress)
+
+    def prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                steps: int = 30, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
+                seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
+                width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
+                control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
+                batch_invariant: bool = False, prompt_syntax: str = "diffusers",
+                edit: "Edit | None" = None) -> "Generation":
+        """A text-to-image call, checked and ready to run (`Generation.run`), or to hand to your own `jax.pmap` /
+        `jax.jit` as a pure function (`Generation.function`). Image i's noise comes from seeds[i] (default
+        seed + i) alone (one prompt with several seeds gives one image per seed); `latents` (N, h, w, c) replaces
+        that noise, unscaled, as diffusers' `latents` argument does.
 
         guidance_scale: classifier-free guidance; default 7.5 (3 for the embedded shapes model).
         control: ControlNet conditioning (`sdjax.Control`, or a list of them, whose residuals add up);
         guess_mode: the ControlNets act only on the conditional half of classifier-free guidance.
+        prompt_syntax: "diffusers" (plain text cut at 77 tokens, as diffusers) or "a1111" (`(word:1.3)` emphasis,
+        BREAK, prompts of any length in chunks of 75 tokens, as A1111 and ComfyUI; `sdjax.prompt_syntax`).
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
         edit: start from an image, and repaint only inside a mask (`Edit`; `img2img` and `inpaint` say more).
@@ -155,7 +171,7 @@ class Pipeline:
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
         if self.is_embedded:
             embedded.warn_unknown_words(self.tokenizer.get_vocab(), request.prompts)
-        inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents)
+        inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents, prompt_syntax)
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
         if edit is not None:
             images = broadcast_batch(pixels, request.count, "image")
@@ -164,7 +180,16 @@ class Pipeline:
                 inputs.update(self._mask_inputs(edit.mask, images, request.count))
                 spec["inpaint"] = "channels" if self.is_inpainting_model else "blend"
             spec["start_from_image"] = edit.strength < 1.0
-        return self._run(request, plan, inputs, clip_skip, show_progress, control, **spec)
+        control_inputs, controlnets, control_params = self._control_inputs(control, request)
+        inputs = {**inputs, **control_inputs}
+        if plan.model_timesteps is not None:
+            inputs["model_timesteps"] = jnp.asarray(plan.model_timesteps, jnp.float32)
+        program = generation.ProgramSpec(
+            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options, mesh=self.mesh,
+            prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
+            quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
+            pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec)
+        return Generation(self, request, plan, {**self.params, **control_params}, inputs, program)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
                 noise=None, **settings) -> "GenerationResult":
@@ -237,13 +262,23 @@ class Pipeline:
                 raise InvalidArgumentError(f"{name}={value!r} must be a positive multiple of the VAE factor {factor}")
         return height, width
 
-    def _inputs(self, request: "Request", plan: SamplingPlan, guidance_scale, guidance_rescale, noise) -> dict:
+    def _text_inputs(self, request: "Request", prompt_syntax: str) -> dict:
+        """cond_ids, uncond_ids (N, 77 * K), and with the a1111 syntax cond_weights, uncond_weights (N, K, 77)."""
+        if syntax.check_syntax(prompt_syntax) == "diffusers":
+            return {"cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives)}
+        (cond, cond_weights), (uncond, uncond_weights) = syntax.a1111_inputs(
+            self.tokenizer, [request.prompts, request.negatives])
+        return {"cond_ids": jnp.asarray(cond), "uncond_ids": jnp.asarray(uncond),
+                "cond_weights": jnp.asarray(cond_weights), "uncond_weights": jnp.asarray(uncond_weights)}
+
+    def _inputs(self, request: "Request", plan: SamplingPlan, guidance_scale, guidance_rescale, noise,
+                prompt_syntax: str = "diffusers") -> dict:
         count = request.count
         for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
             if not np.isfinite(value):
                 raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
         inputs = {
-            "cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives),
+            **self._text_inputs(request, prompt_syntax),
             "seeds": jnp.asarray(np.asarray(request.seeds, np.int64) % 2**32, jnp.uint32),
             "guidance_scale": jnp.full((count,), guidance_scale, jnp.float32),
             "guidance_rescale": jnp.full((count,), guidance_rescale, jnp.float32),
@@ -276,26 +311,16 @@ class Pipeline:
         modules = tuple(control_model(c, self.dtype, self.attention) for c in controls)
         return inputs, modules, {"controlnets": tuple(c.controlnet.params for c in controls)}
 
-    def _run(self, request: "Request", plan: SamplingPlan, inputs: dict, clip_skip, show_progress, controls=None,
-             **spec_overrides) -> "GenerationResult":
-        control_inputs, controlnets, control_params = self._control_inputs(controls, request)
-        inputs = {**inputs, **control_inputs}
-        if plan.model_timesteps is not None:
-            inputs["model_timesteps"] = jnp.asarray(plan.model_timesteps, jnp.float32)
-        params = {**self.params, **control_params}
+    def _run(self, call: "Generation", show_progress: bool) -> "GenerationResult":
+        request, plan, params, inputs, spec = call.request, call.plan, call.params, call.inputs, call.spec
         if self.mesh is not None:
-            inputs = self._shard(inputs, request.count)
-        spec = generation.ProgramSpec(
-            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options, mesh=self.mesh,
-            prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
-            quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
-            pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec_overrides)
+            inputs = self._shard(pad_batch(inputs, request.count, self.mesh.devices.size))
         if show_progress and plan.nfe is not None:
             images, latents, compile_seconds, started = self._run_windows(params, inputs, spec, plan)
         else:
             images, latents, compile_seconds, started = self._run_whole(params, inputs, spec)
-        images, finite = map(np.asarray, images)
-        result = GenerationResult(images=images, latents=np.asarray(latents), seeds=request.seeds,
+        images, finite = (np.asarray(a)[:request.count] for a in images)  # without a mesh's padding images
+        result = GenerationResult(images=images, latents=np.asarray(latents)[:request.count], seeds=request.seeds,
                                   settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
                                                 sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
                                                 guidance_scale=float(inputs["guidance_scale"][0]),
@@ -331,8 +356,7 @@ class Pipeline:
         """One call of the same compiled program per sampler step, the sampler's carry passed from call to call
         (sdjax.samplers.stepping): the progress bar needs no host callback, so the program is cached on disk."""
         spec = dataclasses.replace(spec, windowed=True)
-        count = len(inputs["seeds"])
-        place = (lambda values: values) if self.mesh is None else (lambda values: self._shard(values, count))
+        place = (lambda values: values) if self.mesh is None else self._shard
         step = lambda k: place({"window_start": jnp.int32(k), "window_stop": jnp.int32(k + 1),
                                 "window_resume": jnp.bool_(k > 0)})
         inputs = {**inputs, **step(0)}
@@ -351,12 +375,9 @@ class Pipeline:
             bar.advance()
         return images, latents, compile_seconds, started
 
-    def _shard(self, inputs: dict, count: int) -> dict:
-        """Per-image inputs split over the mesh's devices along the batch, shared inputs replicated."""
-        devices = self.mesh.devices.size
-        if count % devices:
-            raise InvalidArgumentError(f"{count} images do not split evenly over {devices} devices; generate a "
-                                       f"multiple of {devices}")
+    def _shard(self, inputs: dict) -> dict:
+        """Per-image inputs (a multiple of the device count: `pad_batch`) split over the mesh's devices along the
+        batch, shared inputs replicated."""
         batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
         return {key: jax.device_put(value, replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
                 for key, value in inputs.items()}
@@ -397,7 +418,11 @@ class Pipeline:
     # --- pure functions behind the jit ---------------------------------------------------------------------
 
     def _encode_tokens(self, params, ids, clip_skip):
-        return self.modules["text_encoder"].apply({"params": params}, ids, clip_skip=clip_skip).prompt_embeds
+        """(N, 77 * K) ids -> (N, 77 * K, D): each chunk of 77 encoded on its own (K = 1 for plain prompts)."""
+        rows, positions = ids.shape
+        chunks = ids.reshape(-1, self.tokenizer.model_max_length)
+        embeds = self.modules["text_encoder"].apply({"params": params}, chunks, clip_skip=clip_skip).prompt_embeds
+        return embeds.reshape(rows, positions, embeds.shape[-1])
 
     def _encode_pixels(self, params, pixels, key):
         vae = self.modules["vae"]
@@ -438,6 +463,39 @@ class Request:
         return len(self.prompts)
 
 
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """One generation call, prepared (`Pipeline.prepare`): the inputs checked and built, the program chosen."""
+    pipeline: Pipeline
+    request: Request
+    plan: SamplingPlan
+    params: dict  # the pipeline's params, with the call's ControlNets' under "controlnets"
+    inputs: dict  # per-image arrays (leading batch axis) and the shared ones (generation.SHARED_INPUTS)
+    spec: generation.ProgramSpec
+
+    def run(self, show_progress: bool = False) -> "GenerationResult":
+        """What `Pipeline.generate` returns: compiled once per spec and input shapes, NaN/inf images refused."""
+        return self.pipeline._run(self, show_progress)
+
+    @property
+    def per_image_inputs(self) -> dict:
+        """The inputs with a leading batch axis: what `function` takes besides the params."""
+        return {k: v for k, v in self.inputs.items() if k not in generation.SHARED_INPUTS}
+
+    def function(self) -> Callable:
+        """`images, finite = fn(params, per_image_inputs)`: this call as a pure function of the params and the
+        per-image inputs (everything else bound), for your own `jax.jit` shardings or `jax.pmap` over a leading
+        device axis. images: uint8 (N, H, W, 3); finite (N,): whether an image decoded to numbers (NaN and inf
+        become black at the uint8 conversion: check it). One device's program: no mesh inside."""
+        pipeline, spec = self.pipeline, dataclasses.replace(self.spec, mesh=None)
+        shared = {k: v for k, v in self.inputs.items() if k in generation.SHARED_INPUTS}
+
+        def fn(params, per_image_inputs):
+            return pipeline._run_program(params, {**shared, **per_image_inputs}, spec)[0]
+
+        return fn
+
+
 @dataclasses.dataclass
 class GenerationResult:
     """uint8 images (N, H, W, 3), the final latents (N, h, w, c), the seeds and the settings used."""
@@ -458,6 +516,17 @@ def broadcast_batch(array, count: int, name: str):
     raise InvalidArgumentError(f"{name} has a batch of {array.shape[0]}; expected 1 or {count}")
 
 
+def pad_batch(inputs: dict, count: int, devices: int) -> dict:
+    """Per-image inputs of `count` images padded, by repeating the last image, to a multiple of `devices`: every
+    device runs the same number of images; the extra ones are dropped from the results."""
+    extra = -count % devices
+    if not extra:
+        return inputs
+    pad = lambda value: jnp.concatenate([value, jnp.repeat(value[-1:], extra, axis=0)])
+    return {key: value if key in generation.SHARED_INPUTS else jax.tree.map(pad, value)
+            for key, value in inputs.items()}
+
+
 def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -469,7 +538,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
-    is split evenly between them (default: the first local device only).
+    is split between them (padded to a multiple of their count; default: the first local device only).
     """
     dtype_name = np.dtype(dtype).name
     if dtype_name not in _PARAM_DTYPES:

@@ -17,13 +17,13 @@ Model hash: 6ce0161689, Model: v1-5-pruned-emaonly, Denoising strength: 0.55, Cl
 Lora hashes: "add_detail: 7c6bad76eb54, more: 1", Version: v1.10.1"""
 
 
-def test_an_a1111_text_parses_to_its_settings():
+def test_an_a1111_text_parses_to_its_settings():  # its prompt is in A1111's syntax: (emphasis), long prompts
     prompt, negative, settings = a1111.parse_parameters(A1111_TEXT)
     assert prompt == "masterpiece, a cat\non a sofa" and negative == "blurry, lowres\nugly"
     assert settings["Lora hashes"] == "add_detail: 7c6bad76eb54, more: 1" and settings["Version"] == "v1.10.1"
     assert a1111.generation_settings(settings) == {
         "steps": 28, "seed": 1234, "sampler": "dpmpp_2m", "schedule": "karras", "guidance_scale": 6.5,
-        "clip_skip": 2, "width": 512, "height": 768, "strength": 0.55}
+        "clip_skip": 2, "width": 512, "height": 768, "strength": 0.55, "prompt_syntax": "a1111"}
 
 
 def test_a_text_without_settings_is_all_prompt():
@@ -32,13 +32,13 @@ def test_a_text_without_settings_is_all_prompt():
 
 def test_what_sdjax_writes_reads_back_the_same():
     settings = {"Steps": 20, "Sampler": "Euler a", "Schedule type": "Automatic", "CFG scale": "3", "Seed": 7,
-                "Size": "64x64", "Model": "my, model: v2"}
+                "Size": "64x64", "Model": "my, model: v2", "Prompt syntax": "diffusers"}
     text = a1111.format_parameters("a red circle", "", settings)
     prompt, negative, parsed = a1111.parse_parameters(text)
     assert (prompt, negative) == ("a red circle", "") and parsed == {k: str(v) for k, v in settings.items()}
     # Automatic: the model's scheduler config chooses, so neither a sampler nor a schedule is forced.
     assert a1111.generation_settings(parsed) == {"steps": 20, "seed": 7, "guidance_scale": 3.0, "width": 64,
-                                                 "height": 64}
+                                                 "height": 64, "prompt_syntax": "diffusers"}
 
 
 def test_every_named_sampler_and_schedule_exists_and_names_are_unique():

@@ -68,6 +68,7 @@ def test_bare_command_prints_help_and_version_and_samplers_list(capsys):
     assert listed == sorted(SAMPLERS) + sorted(schedules.SCHEDULES)
 
 
+@pytest.mark.slow
 def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp_path):
     result = sdjax_command("generate", "a photo of a cat", "--negative-prompt", "blurry", "--model", str(sd1_folder[0]),
                            *BASE, "--seed", "7-8", "--out", str(tmp_path), "--grid", "--progress",
@@ -83,6 +84,7 @@ def test_generate_writes_pngs_with_parameters_and_shows_progress(sd1_folder, tmp
         assert grid.size == (32, 16)
 
 
+@pytest.mark.slow
 def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path):
     """With the progress bar: it is driven by calling the cached program once per step, not by callbacks (the run
     without the bar is one call of the same kind of program).
@@ -102,7 +104,7 @@ def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path)
     np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "second.png"))
 
 
-def test_img2img_records_a1111_steps_and_strength_and_reruns_from_its_png(sd1_folder, tmp_path, monkeypatch):
+def test_img2img_records_a1111_steps_strength_and_syntax_and_reruns_from_its_png(sd1_folder, tmp_path, monkeypatch):
     # The rerun gets the pipeline the first run loaded, so it reuses the program compiled for the first run's
     # settings only if the PNG gave it back the same settings (what this test is about).
     from sdjax import pipeline as pipeline_module
@@ -117,10 +119,11 @@ def test_img2img_records_a1111_steps_and_strength_and_reruns_from_its_png(sd1_fo
     monkeypatch.setattr(pipeline_module, "load_pipeline", load_once)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "start.png")
     common = ["--image", str(tmp_path / "start.png"), "--model", str(sd1_folder[0]), "--no-compile-cache"]
-    assert cli.main(["img2img", "a cat", "--steps", "4", "--strength", "0.5", "--sampler", "dpmpp_2m", "--seed", "3",
-                     *common, "--out", str(tmp_path / "first.png")]) == 0
+    assert cli.main(["img2img", "a (cat:1.3)", "--steps", "4", "--strength", "0.5", "--sampler", "dpmpp_2m",
+                     "--seed", "3", "--prompt-syntax", "a1111", *common, "--out", str(tmp_path / "first.png")]) == 0
     text = images.read_parameters(tmp_path / "first.png")
     assert "Steps: 4, Sampler: DPM++ 2M, Schedule type: Normal" in text and "Denoising strength: 0.5" in text
+    assert "Prompt syntax: a1111" in text
     assert cli.main(["img2img", "--from-png", str(tmp_path / "first.png"), *common,
                      "--out", str(tmp_path / "again.png")]) == 0
     np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "again.png"))

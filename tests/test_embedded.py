@@ -31,6 +31,7 @@ def test_load_pipeline_without_a_model_loads_the_embedded_one(pipeline):
     assert pipeline.generate("a red circle", steps=2, seeds=[3, 4, 5]).images.shape == (3, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_img2img_takes_one_image_as_a_path_a_pil_image_or_an_array(pipeline, tmp_path):
     start = pipeline.generate("a red circle on a blue background", steps=2).images[0]
     Image.fromarray(start).save(tmp_path / "start.png")
@@ -40,12 +41,14 @@ def test_img2img_takes_one_image_as_a_path_a_pil_image_or_an_array(pipeline, tmp
         np.testing.assert_array_equal(pipeline.img2img(image, "a green square", **settings).images, batch)
 
 
+@pytest.mark.slow
 def test_latents_alone_decide_the_image_size(pipeline):
     latents = np.random.default_rng(0).normal(size=(1, 8, 4, 4)).astype(np.float32)
     factor = pipeline.configs["vae"].downscale_factor
     assert pipeline.generate("a red circle", steps=2, latents=latents).images.shape == (1, 8 * factor, 4 * factor, 3)
 
 
+@pytest.mark.slow
 def test_the_progress_bar_changes_nothing_but_the_output_on_stderr(pipeline, capsys):
     settings = dict(steps=5, sampler="dpmpp_2m", schedule="karras", seeds=[1, 2])
     quiet = pipeline.generate(["a red circle", "a big blue square at the top"], **settings)
@@ -71,6 +74,7 @@ def test_the_shipped_folder_is_small_half_precision_and_has_clip_tokenizer_files
     assert {w for p, _ in held_out_prompts(240) for w in unknown_words(pipeline.tokenizer.get_vocab(), p)} == set()
 
 
+@pytest.mark.slow
 def test_diffusers_draws_the_same_image_from_the_same_latents(pipeline):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -85,6 +89,7 @@ def test_diffusers_draws_the_same_image_from_the_same_latents(pipeline):
     assert_images_match(ours.images, theirs)
 
 
+@pytest.mark.slow
 def test_it_draws_what_held_out_prompts_ask_for(pipeline):
     # A floor under today's model (59.5% of 200 held-out prompts have all five attributes right at guidance 3,
     # the shape kind 64%; the target is 90%), about 3.5 standard errors of 48 prompts below it, and well
@@ -107,6 +112,7 @@ def test_a_prompt_outside_its_world_still_gives_an_image_and_one_warning(pipelin
         pipeline.generate("A large white square, black background!", steps=2)
 
 
+@pytest.mark.slow
 def test_the_command_without_a_model_uses_the_embedded_one(tmp_path):
     out, cache = tmp_path / "circle.png", ["--cache-dir", str(tmp_path / "cache")]  # the second run reads it
     result = sdjax_command("generate", "a red circle on a blue background", "--steps", "2", "--out", str(out),

@@ -39,7 +39,7 @@ def encode_with_posterior_mean(monkeypatch):
         monkeypatch.setattr(module, "retrieve_latents", mean_latents)
 
 
-@pytest.fixture(scope="module", params=["sd1", "sd2"])
+@pytest.fixture(scope="module", params=["sd1", pytest.param("sd2", marks=pytest.mark.slow)])
 def loaded(request):
     folder, reference = request.getfixturevalue(f"{request.param}_folder")
     return sdjax.load_pipeline(folder), reference
@@ -56,7 +56,7 @@ def test_txt2img_matches_diffusers(loaded):
     assert_images_match(ours.images, theirs)
 
 
-@pytest.mark.parametrize("model, sampler", [("sd1", "euler"), ("sd2", None)])
+@pytest.mark.parametrize("model, sampler", [("sd1", "euler"), pytest.param("sd2", None, marks=pytest.mark.slow)])
 def test_img2img_matches_diffusers(model, sampler, request, encode_with_posterior_mean):
     folder, reference = request.getfixturevalue(f"{model}_folder")
     pipeline = sdjax.load_pipeline(folder)
@@ -94,6 +94,7 @@ def test_inpaint_matches_diffusers(model, request, encode_with_posterior_mean):
     np.testing.assert_allclose(ours.latents[keep], image_latents[keep], rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_an_image_depends_only_on_its_seed(sd1_folder):
     pipeline = sdjax.load_pipeline(sd1_folder[0])
     settings = dict(steps=3, sampler="euler_ancestral", schedule="karras", height=SIZE, width=SIZE)
@@ -109,6 +110,7 @@ def test_an_image_depends_only_on_its_seed(sd1_folder):
     assert np.abs(other_seed.images[0].astype(int) - alone.images[0]).max() > 10
 
 
+@pytest.mark.slow
 def test_prompt_seed_and_guidance_changes_do_not_recompile(sd1_folder):
     pipeline = sdjax.load_pipeline(sd1_folder[0])
     settings = dict(steps=3, sampler="dpmpp_2m", schedule="karras", height=SIZE, width=SIZE)
@@ -143,6 +145,7 @@ def test_bad_inputs_fail_before_any_compilation(sd1_folder):
     assert pipeline._executables == {}
 
 
+@pytest.mark.slow
 def test_nan_weights_or_an_overflow_raise_instead_of_giving_black_images(sd1_folder):
     """With the progress bar: its windowed program decodes in one branch and returns blanks in the other."""
     pipeline = sdjax.load_pipeline(sd1_folder[0])
@@ -178,7 +181,7 @@ def controlnet_folders(sd1_folder, tmp_path_factory):
     return folders, models
 
 
-@pytest.mark.parametrize("guess_mode", [False, True])
+@pytest.mark.parametrize("guess_mode", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_controlnet_matches_diffusers(sd1_folder, controlnet_folders, guess_mode):
     from diffusers import MultiControlNetModel, StableDiffusionControlNetPipeline
     folder, reference = sd1_folder
@@ -248,8 +251,13 @@ def folder_with_scheduler(folder, scheduler, target):
     return target
 
 
-@pytest.mark.parametrize("model, class_name, overrides", SCHEDULER_CASES,
-                         ids=[f"{m}-{c}{'-' + '-'.join(o) if o else ''}" for m, c, o in SCHEDULER_CASES])
+# The fast tier (-m "not slow") runs one multistep class on SD1 and one Euler-family class on SD2.
+FAST_SCHEDULER_CASES = [("sd1", "DPMSolverMultistepScheduler", {}), ("sd2", "EulerDiscreteScheduler", {})]
+
+
+@pytest.mark.parametrize("model, class_name, overrides", [
+    pytest.param(m, c, o, id=f"{m}-{c}{'-' + '-'.join(o) if o else ''}",
+                 marks=() if (m, c, o) in FAST_SCHEDULER_CASES else pytest.mark.slow) for m, c, o in SCHEDULER_CASES])
 def test_scheduler_config_is_honoured_like_diffusers(model, class_name, overrides, request, tmp_path):
     import diffusers
     folder, reference = request.getfixturevalue(f"{model}_folder")
@@ -264,6 +272,7 @@ def test_scheduler_config_is_honoured_like_diffusers(model, class_name, override
     assert_images_match(ours.images, theirs)
 
 
+@pytest.mark.slow
 def test_a_batch_split_over_devices_gives_the_single_device_images(sd1_folder):
     import jax
     devices = jax.devices()[:4]  # conftest gives this process 8 CPU devices
@@ -276,5 +285,24 @@ def test_a_batch_split_over_devices_gives_the_single_device_images(sd1_folder):
     parallel_pipeline = sdjax.load_pipeline(sd1_folder[0], devices=devices)
     parallel = parallel_pipeline.generate(prompts, **settings)
     np.testing.assert_array_equal(parallel.images, single.images)
-    with pytest.raises(InvalidArgumentError, match="6 images do not split evenly over 4 devices"):
-        parallel_pipeline.generate(prompts[:6], **{**settings, "seeds": settings["seeds"][:6]})
+    # 6 images on 4 devices: padded to 8 by repeating the last image, the padding dropped from the result
+    six = parallel_pipeline.generate(prompts[:6], **{**settings, "seeds": settings["seeds"][:6]})
+    assert six.images.shape[0] == six.latents.shape[0] == 6
+    np.testing.assert_array_equal(six.images, single.images[:6])
+
+
+def test_the_pure_function_under_pmap_and_jit_gives_the_images_of_generate(sd1_folder):
+    """diffusers-Flax style: params replicated by pmap, per-image inputs split along a leading device axis."""
+    import jax
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    call = pipeline.prepare(["a cat", "a dog", "red", "blue"], steps=3, sampler="dpmpp_2m", height=SIZE,
+                            width=SIZE, seeds=[3, 1, 4, 1], batch_invariant=True)
+    expected = call.run().images
+    fn, inputs = call.function(), call.per_image_inputs
+    assert set(inputs) == {"cond_ids", "uncond_ids", "seeds", "guidance_scale", "guidance_rescale"}
+    per_device = jax.tree.map(lambda v: v.reshape(4, 1, *v.shape[1:]), inputs)
+    images, finite = jax.pmap(fn, in_axes=(None, 0), devices=jax.devices()[:4])(call.params, per_device)
+    assert images.shape == (4, 1, SIZE, SIZE, 3) and bool(np.all(finite))
+    assert np.abs(np.asarray(images).reshape(expected.shape).astype(int) - expected).max() <= 1
+    jitted, _ = jax.jit(fn)(call.params, inputs)
+    assert np.abs(np.asarray(jitted).astype(int) - expected).max() <= 1

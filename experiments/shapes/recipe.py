@@ -9,8 +9,9 @@
 4. base      the trained VAE with its latent scaling factor measured as SD's authors did (1 / std of the
              latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
 5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py, v-prediction)
-6. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
-7. package   the U-Net and text encoder of 5 with the VAE of 6, EMA weights in float16, a model card, to --out
+6. refine    a second cosine cycle of the same training from stage 5's EMA weights (train_refine.py)
+7. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
+8. package   the U-Net and text encoder of 6 with the VAE of 7, EMA weights in float16, a model card, to --out
 
 Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
 output is complete, so rerunning the command after an interruption continues where it stopped.
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "init", "vae", "base", "unet", "decoder", "package")
+STAGES = ("data", "init", "vae", "base", "unet", "refine", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
 SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
 
@@ -181,8 +182,12 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
     if "unet" in stages:
         log.info("unet: training in %s", workdir / "unet")
         from experiments.shapes.evaluate import adherence_evaluator
-        unet_export = train_stage(HERE / "train_unet.py", workdir / "unet",
-                                  with_data(base_dir) + [f"data.cache_dir={workdir / 'latent_cache'}"],
+        cached = [f"data.cache_dir={workdir / 'latent_cache'}"]
+        unet_export = train_stage(HERE / "train_unet.py", workdir / "unet", with_data(base_dir) + cached,
+                                  evaluate=adherence_evaluator(prompts=64))
+    if "refine" in stages:
+        log.info("refine: training in %s", workdir / "refine")
+        unet_export = train_stage(HERE / "train_refine.py", workdir / "refine", with_data(unet_export) + cached,
                                   evaluate=adherence_evaluator(prompts=64))
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")

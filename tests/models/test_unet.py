@@ -153,6 +153,7 @@ def test_unsupported_block_type_is_a_config_error():
         _param_shapes(config)
 
 
+@pytest.mark.slow
 def test_remat_recomputes_blocks_without_changing_params_or_outputs():
     config = CONFIGS["odd_no_mid"]  # odd sizes: the up blocks' static output size goes through remat too
     x, t = jnp.ones((1, 13, 10, 4)), jnp.array([3])

@@ -38,6 +38,7 @@ def starts(workdir):
     return [json.loads(line)["start_step"] for line in path.read_text().splitlines()] if path.is_file() else []
 
 
+@pytest.mark.slow
 def test_killed_then_terminated_run_resumes_exactly(reference_run, tiny_overrides, compilation_cache, tmp_path):
     workdir = tmp_path / "run"
 

@@ -25,12 +25,14 @@ def test_loss_goes_down(reference_run):
     assert (workdir / "config.json").is_file() and "git_revision" in (workdir / "runs.jsonl").read_text()
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses(reference_run, tiny_overrides, tmp_path):
     reference = read_losses(reference_run[0])
     run_training(tiny_overrides, tmp_path / "again", "num_steps=3")
     assert read_losses(tmp_path / "again") == {step: reference[step] for step in (1, 2, 3)}
 
 
+@pytest.mark.slow
 def test_cached_latents_train_like_encoded_ones(reference_run, tiny_overrides, tmp_path):
     reference = read_losses(reference_run[0])
     run_training(tiny_overrides, tmp_path / "cached", "num_steps=2", "data.cache_latents=true")
@@ -58,6 +60,7 @@ def test_export_loads_in_diffusers_with_the_same_unet_output(reference_run):
     jax.tree.map(np.testing.assert_array_equal, ours.params["unet"], reference_run[1].state.ema_params["unet"])
 
 
+@pytest.mark.slow
 def test_vae_stage_loss_goes_down(tiny_overrides, compilation_cache, tmp_path):
     result = run_training(tiny_overrides, tmp_path / "vae", "stage=vae", "num_steps=12",
                           "optimizer.warmup_steps=0")
@@ -90,6 +93,7 @@ def test_bad_data_fails_before_the_workdir_is_written(tiny_overrides, tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_sample_grid_from_the_trained_weights(reference_run, tmp_path):
     from sdjax.images import load_image
     from sdjax.train.export import save_sample_grid
@@ -99,6 +103,7 @@ def test_sample_grid_from_the_trained_weights(reference_run, tmp_path):
     assert load_image(path).shape == (16, 32, 3)
 
 
+@pytest.mark.slow
 def test_every_loss_option_together_in_bfloat16(tiny_overrides, compilation_cache, sd1_folder, tmp_path):
     """One compiled variant covering the options the reference run leaves off."""
     result = run_training(
@@ -121,6 +126,7 @@ def _squared_norm(tree) -> float:
     return float(sum(np.sum(np.square(np.asarray(leaf, np.float64))) for leaf in jax.tree.leaves(tree)))
 
 
+@pytest.mark.slow
 def test_evaluator_sees_the_ema_and_raw_weights_and_a_resume_repeats_lost_rows(tiny_overrides, compilation_cache,
                                                                                 tmp_path):
     import json
