@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, denoisers
+from sdjax import control, denoisers, parallel
 from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
 from sdjax.prompt_syntax import emphasize
@@ -43,7 +43,7 @@ class ProgramSpec:
     pinned_timesteps: bool = False  # inputs["model_timesteps"] fixes the U-Net's timestep per sigma
     ve_latents: bool = False  # the final x goes to the VAE unconverted (diffusers' Euler-family schedulers)
     controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
-    mesh: Any = None  # a jax.sharding.Mesh with axis "data": each device runs its share of the batch
+    mesh: Any = None  # a (data, fsdp) jax.sharding.Mesh (sdjax.parallel): each device runs its share of the batch
     guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
     # Run only the sampler steps [window_start, window_stop) from a carried state (sdjax.samplers.stepping); the
     # host calls the program once per window, which drives a progress bar without host callbacks.
@@ -148,7 +148,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
     if spec.mesh is None:
         return local_batch(per_image)
-    batch = jax.sharding.PartitionSpec("data")
+    batch = jax.sharding.PartitionSpec(parallel.AXES)  # the batch over every device of the (data, fsdp) mesh
     outputs = (batch,) * (3 if spec.windowed else 2)
     return jax.shard_map(local_batch, mesh=spec.mesh, in_specs=(batch,), out_specs=outputs)(per_image)
 

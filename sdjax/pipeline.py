@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import embedded, generation, progress, prompt_syntax as syntax, schedules
+from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
 from sdjax.images import as_array, to_unit_interval, to_unit_range
@@ -47,7 +47,7 @@ class Pipeline:
         self.is_embedded = is_embedded
         # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
         self.mesh = mesh
-        self.params = jax.device_put(params, None if mesh is None else replicated(mesh))
+        self.params = jax.device_put(params, None if mesh is None else parallel.replicated(mesh))
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
@@ -378,8 +378,8 @@ class Pipeline:
     def _shard(self, inputs: dict) -> dict:
         """Per-image inputs (a multiple of the device count: `pad_batch`) split over the mesh's devices along the
         batch, shared inputs replicated."""
-        batch = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
-        return {key: jax.device_put(value, replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
+        batch = parallel.batch_sharding(self.mesh)
+        return {key: jax.device_put(value, parallel.replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
                 for key, value in inputs.items()}
 
     def _compiled(self, params: dict, inputs: dict, spec):
@@ -527,10 +527,6 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
             for key, value in inputs.items()}
 
 
-def replicated(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
                   variant: str | None = None, attention: str = "einsum") -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
@@ -553,7 +549,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    mesh = None if devices is None else jax.sharding.Mesh(np.asarray(devices), ("data",))
+    mesh = None if devices is None else parallel.make_mesh(devices=devices)
     return Pipeline(loaded, params, tokenizer, scheduler_config, dtype=dtype,
                     attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL)
 
