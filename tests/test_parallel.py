@@ -44,6 +44,7 @@ def test_sd15_unet_under_fsdp8_holds_an_eighth_per_device():
     assert replicated["conv_in"]["kernel"].spec == jax.sharding.PartitionSpec()
 
 
+@pytest.mark.slow
 def test_params_are_created_directly_sharded():
     config = configs.UNetConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
                                 cross_attention_dim=32, attention_head_dim=4,

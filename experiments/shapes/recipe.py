@@ -132,7 +132,8 @@ center, on a plain background of another of those colours, at 64x64 pixels. It k
   fine-tuned afterwards with the encoder frozen, as SD's ft-MSE decoder was.
 - Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
   jointly with the U-Net.
-- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas, v-prediction.
+- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas, v-prediction; trained in two
+  cosine cycles of 4,000 steps (stages unet and refine).
 - Weights: the EMA, float16. Default sampler: DPM-Solver++(2M) with Karras sigmas.
 
 Re-create it: `python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes`
