@@ -23,7 +23,7 @@ from sdjax.images import as_array, to_unit_interval, to_unit_range
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
-from sdjax.tokenizer import save_tokenizer
+from sdjax.tokenizer import clip_tokenizer_class, save_tokenizer
 from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub
 
@@ -541,7 +541,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         raise InvalidArgumentError(f"dtype={dtype_name!r} is not supported; use one of {', '.join(_PARAM_DTYPES)}")
     folder = model_folder(path_or_hub_id, variant)
     diffusers_folder.read_model_index(folder)
-    from transformers import CLIPTokenizer
+    CLIPTokenizer = clip_tokenizer_class()
 
     loaded, raw, params = {}, {}, {}
     for name in STABLE_DIFFUSION:

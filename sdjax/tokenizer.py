@@ -82,9 +82,25 @@ def clip_vocab(merges: list[tuple[str, str]]) -> dict[str, int]:
     return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
 
 
+def clip_tokenizer_class():
+    """transformers.CLIPTokenizer. sdjax uses transformers for its tokenizers only, so the import silences the
+    advice transformers prints on a machine without torch ("PyTorch was not found. Models won't be available"),
+    which is the normal way to run sdjax and would only puzzle its users."""
+    import sys
+    if "transformers" not in sys.modules and "TRANSFORMERS_VERBOSITY" not in os.environ:
+        os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read once, when transformers sets up its logger
+        try:
+            import transformers
+        finally:
+            del os.environ["TRANSFORMERS_VERBOSITY"]
+        transformers.logging.set_verbosity_warning()  # its default from then on
+    from transformers import CLIPTokenizer
+    return CLIPTokenizer
+
+
 def write_clip_tokenizer(folder: str | os.PathLike, merges: list[tuple[str, str]], *, model_max_length: int = 77):
     """Write a CLIP tokenizer with these merges into `folder` (diffusers' tokenizer/ layout) and load it back."""
-    from transformers import CLIPTokenizer
+    CLIPTokenizer = clip_tokenizer_class()
 
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)

@@ -38,3 +38,16 @@ def test_learning_is_deterministic_and_stops_at_rare_pairs():
     assert learn_bpe(CORPUS) == learn_bpe(list(CORPUS))
     assert learn_bpe(["quick brown"], min_count=2) == []
     assert len(learn_bpe(CORPUS, max_merges=5)) == 5
+
+
+def test_without_torch_transformers_gives_no_advice_about_it():
+    """sdjax uses transformers for tokenizers only; a machine without torch is its normal setting, so transformers'
+    "PyTorch was not found. Models won't be available" line would only puzzle a user."""
+    import subprocess
+    import sys
+    block_torch = "import sys; sys.modules['torch'] = None; "
+    bare = subprocess.run([sys.executable, "-c", block_torch + "import transformers"], capture_output=True, text=True)
+    assert "PyTorch was not found" in bare.stderr  # what the import alone prints
+    ours = subprocess.run([sys.executable, "-c", block_torch + "from sdjax.tokenizer import clip_tokenizer_class; "
+                           "clip_tokenizer_class()"], capture_output=True, text=True)
+    assert ours.returncode == 0 and "PyTorch" not in ours.stderr, ours.stderr
