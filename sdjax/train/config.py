@@ -154,6 +154,9 @@ class TrainConfig:
                                 "time); 0 disables")
     eval_raw_weights: bool = option(False, "evaluate the raw weights too, not only the EMA ones")
     export_ema: bool = option(True, "export the EMA weights (else the raw ones) to <workdir>/export")
+    mesh: str = option("", "devices to train on, as data=N,fsdp=M (N * M = the device count): the batch splits over "
+                           "all of them, and with fsdp > 1 params, optimizer state and EMA split over fsdp; empty: "
+                           "one device")
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     vae_loss: VAELossConfig = VAELossConfig()

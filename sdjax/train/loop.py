@@ -31,7 +31,8 @@ from typing import Any
 import jax
 import optax
 
-from sdjax.errors import ConfigError
+from sdjax import parallel
+from sdjax.errors import ConfigError, InvalidArgumentError
 from sdjax.pipeline import Pipeline, load_pipeline
 from sdjax.train import config as config_lib
 from sdjax.train.checkpoint import CheckpointStore
@@ -113,7 +114,8 @@ def write_run_files(workdir: Path, config: TrainConfig, start_step: int) -> None
 
 # What a resumed run may change: when to log, keep, sample and evaluate, not what is trained.
 BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
-                    "sample_steps", "sample_guidance_scale", "eval_every", "eval_raw_weights", "export_ema")
+                    "sample_steps", "sample_guidance_scale", "eval_every", "eval_raw_weights", "export_ema",
+                    "mesh")  # the same run resumes on another mesh: the arithmetic is the same
 
 
 def check_same_run(workdir: Path, config: TrainConfig) -> None:
@@ -155,6 +157,7 @@ class _Run:
     state: TrainState
     batches: BatchIterator
     skipped: set
+    mesh: Any = None  # a (data, fsdp) mesh (sdjax.parallel), or None for one device
 
 
 def _start(config: TrainConfig, workdir: Path) -> _Run:
@@ -165,6 +168,7 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     if not config.model.pretrained:
         raise ConfigError("model.pretrained is empty: set it to a diffusers folder (e.g. --set "
                           "model.pretrained=path/to/stable-diffusion-v1-5)")
+    mesh = training_mesh(config)
     records = scan_folder(config.data.folder, require_captions=config.stage == "unet",
                           require_masks=config.data.loss_mask)
     log.info("loading the base model %s", config.model.pretrained)
@@ -184,7 +188,23 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
         state = with_checkpointed(state, restored)
         batches.restore(data_state)
         log.info("resumed from step %d", int(state.step))
-    return _Run(base, task, optimizer, store, state, batches, source.skipped)
+    if mesh is not None:  # params, optimizer state and EMA placed by the sharding rules; batches in the loop
+        state = jax.device_put(state, parallel.param_shardings(state, mesh))
+    return _Run(base, task, optimizer, store, state, batches, source.skipped, mesh)
+
+
+def training_mesh(config: TrainConfig):
+    """The config's (data, fsdp) mesh, or None for one device; the batch must split evenly over it."""
+    if not config.mesh:
+        return None
+    try:
+        mesh = parallel.parse_mesh(config.mesh)
+    except InvalidArgumentError as err:
+        raise ConfigError(f"mesh: {err}") from None
+    if config.batch_size % mesh.size:
+        raise ConfigError(f"batch_size {config.batch_size} does not split over the mesh's {mesh.size} devices; "
+                          f"use a multiple of {mesh.size}")
+    return mesh
 
 
 def train(config: TrainConfig, workdir: str | Path, *,
@@ -218,6 +238,8 @@ def train(config: TrainConfig, workdir: str | Path, *,
         try:
             while step < config.num_steps and not stop.requested:
                 batch = task.prepare_batch(next(run.batches))
+                if run.mesh is not None:
+                    batch = jax.device_put(batch, parallel.batch_sharding(run.mesh))
                 state, step_metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
                 step += 1
                 metrics.add(step, step_metrics)
