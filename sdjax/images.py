@@ -96,6 +96,15 @@ def to_unit_interval(array, name: str = "image") -> np.ndarray:
     return array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else _checked_float(array, 0.0, name)
 
 
+def image_to_model_range(images, name: str = "image") -> np.ndarray:
+    """Images as users pass them to img2img and inpaint (any `image_batch` input: uint8, or float in [0, 1] like
+    masks and control images) as float32 (N, H, W, 3) in the VAE's [-1, 1]."""
+    array = image_batch(images, name)
+    if array.dtype == np.uint8:
+        return to_unit_range(array, name)
+    return _checked_float(array, 0.0, name) * np.float32(2) - np.float32(1)
+
+
 def to_unit_range(images, name: str = "image") -> np.ndarray:
     """Images as float32 (N, H, W, 3) in [-1, 1]: any `image_batch` input; uint8 is rescaled, floats must already
     be in [-1, 1] (the VAE's range)."""

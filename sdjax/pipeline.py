@@ -19,7 +19,7 @@ import numpy as np
 from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
-from sdjax.images import as_array, to_unit_interval, to_unit_range
+from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
@@ -162,7 +162,7 @@ class Pipeline:
             guidance_scale = embedded.GUIDANCE_SCALE if self.is_embedded else 7.5
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
         if edit is not None:
-            pixels = to_unit_range(edit.image)
+            pixels = image_to_model_range(edit.image)
             height, width = pixels.shape[1:3]
             plan = plan if edit.strength == 1.0 else plan.for_strength(edit.strength)
         if latents is not None and height is None and width is None:  # the size the latents are for
@@ -195,7 +195,7 @@ class Pipeline:
                 noise=None, **settings) -> "GenerationResult":
         """Image to image: the image's latents are noised to the `strength` point of the schedule and denoised
         from there (strength 1 ignores the image). `image`: a path, a PIL image or an array
-        (H, W, 3) or (N or 1, H, W, 3), uint8 or float in [-1, 1]; the VAE posterior mean
+        (H, W, 3) or (N or 1, H, W, 3), uint8 or float in [0, 1] (as masks and control images); the VAE posterior mean
         is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise;
         `settings` are generate's."""
         return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, None, strength), **settings)
@@ -442,7 +442,7 @@ class Pipeline:
 @dataclasses.dataclass(frozen=True)
 class Edit:
     """What img2img and inpaint add to a generation: the starting image (anything `images.image_batch` takes,
-    uint8 or float in [-1, 1]), an optional mask (repaint where white) and the strength (the fraction of the
+    uint8 or float in [0, 1]), an optional mask (repaint where white) and the strength (the fraction of the
     schedule run)."""
     image: Any
     mask: Any = None

@@ -39,6 +39,9 @@ def test_img2img_takes_one_image_as_a_path_a_pil_image_or_an_array(pipeline, tmp
     batch = pipeline.img2img(start[None], "a green square", **settings).images
     for image in (start, Image.fromarray(start), tmp_path / "start.png"):
         np.testing.assert_array_equal(pipeline.img2img(image, "a green square", **settings).images, batch)
+    # float images mean [0, 1], as masks and control images do
+    as_float = pipeline.img2img(start / np.float32(255), "a green square", **settings).images
+    assert np.abs(as_float.astype(int) - batch).max() <= 1
 
 
 @pytest.mark.slow

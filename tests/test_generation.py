@@ -131,6 +131,8 @@ def test_bad_inputs_fail_before_any_compilation(sd1_folder):
         pipeline.generate("a cat", height=33, width=SIZE, sampler="euler")
     with pytest.raises(InvalidArgumentError, match="unknown sampler 'eular'. Did you mean 'euler'"):
         pipeline.generate("a cat", sampler="eular")
+    with pytest.raises(InvalidArgumentError, match=r"image: float values must lie in \[0, 1\] \(found -1 to 1\)"):
+        pipeline.img2img(np.linspace(-1, 1, SIZE * SIZE * 3).reshape(SIZE, SIZE, 3), "a cat", sampler="euler")
     with pytest.raises(InvalidArgumentError, match=r"strength must be within \[0, 1\], got 1.5"):
         pipeline.img2img(image, "a cat", strength=1.5, sampler="euler")
     with pytest.raises(InvalidArgumentError, match="mask must be .* the image's size 32x32"):

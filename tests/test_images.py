@@ -62,6 +62,15 @@ def test_float_images_out_of_range_are_refused_not_clipped():
         images.to_unit_interval(np.array([0.0, np.nan]), "mask")
 
 
+def test_user_images_are_uint8_or_floats_in_0_1_like_masks_and_control_images():
+    ramp = np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, axis=-1)
+    expected = images.to_unit_range(ramp)  # the VAE's [-1, 1]
+    np.testing.assert_array_equal(images.image_to_model_range(ramp), expected)
+    np.testing.assert_allclose(images.image_to_model_range(ramp / np.float32(255)), expected, rtol=0, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match=r"photo: float values must lie in \[0, 1\] \(found -1 to 1\)"):
+        images.image_to_model_range(np.linspace(-1, 1, 48).reshape(4, 4, 3), "photo")
+
+
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def disk_full(self, target, *args, **kwargs):
         open(target, "wb").write(b"half a png")
