@@ -73,7 +73,7 @@ def param_shardings(params, mesh: Mesh, rules=DEFAULT_RULES):
     compiled = [(re.compile(pattern), how) for pattern, how in rules]
 
     def sharding(path, leaf):
-        name = "/".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         how = next((how for pattern, how in compiled if pattern.fullmatch(name)), "replicate")
         if how not in ("fsdp", "replicate"):
             raise InvalidArgumentError(f"sharding rule for {name!r} says {how!r}; use 'fsdp' or 'replicate'")

@@ -12,6 +12,7 @@ import collections
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable
 
 BOS_TOKEN = "<|startoftext|>"
@@ -86,7 +87,6 @@ def clip_tokenizer_class():
     """transformers.CLIPTokenizer. sdjax uses transformers for its tokenizers only, so the import silences the
     advice transformers prints on a machine without torch ("PyTorch was not found. Models won't be available"),
     which is the normal way to run sdjax and would only puzzle its users."""
-    import sys
     if "transformers" not in sys.modules and "TRANSFORMERS_VERBOSITY" not in os.environ:
         os.environ["TRANSFORMERS_VERBOSITY"] = "error"  # read once, when transformers sets up its logger
         try:
