@@ -1,4 +1,5 @@
-"""A Gaussian mixture with diagonal covariances: data whose exact denoiser and moments are closed form.
+"""A Gaussian mixture with diagonal covariances: data whose exact denoiser and moments are closed form. The
+sampler benchmark measures samplers on it, and the sampler tests use it as the model their references share.
 
 x0 ~ sum_k w_k N(mu_k, diag(s_k^2)). Noised in variance-exploding scaling, x = x0 + sigma eps, component k
 becomes N(mu_k, diag(s_k^2 + sigma^2)), so E[x0 | x] is the responsibility-weighted sum of per-component,
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy.integrate import solve_ivp
 
@@ -25,6 +28,20 @@ class Mixture:
         weights = rng.dirichlet(np.full(components, 2.0))
         return cls(means=rng.normal(size=(components, dim)) * mean_scale,
                    stds=rng.uniform(*std_range, size=(components, dim)), weights=weights)
+
+    @classmethod
+    def isotropic(cls, means, stds, weights) -> Mixture:
+        """Components N(mu_k, s_k^2 I): means (K, d), stds (K,), weights (K,) (normalised here)."""
+        means, stds, weights = (np.asarray(a, np.float64) for a in (means, stds, weights))
+        if means.ndim != 2 or not stds.shape == weights.shape == (len(means),):
+            raise ValueError("means must be (K, d); stds and weights (K,)")
+        if np.any(stds <= 0):
+            raise ValueError("stds must be > 0 so that the denoiser at sigma = 0 is the identity")
+        return cls(means, np.repeat(stds[:, None], means.shape[1], axis=1), weights / np.sum(weights))
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
 
     def responsibilities(self, xp, x, sigma):
         """P(component k | x) at noise level sigma, (n, K), for numpy or jax.numpy (`xp`)."""
@@ -44,6 +61,13 @@ class Mixture:
     def component(self, x: np.ndarray, sigma: float) -> np.ndarray:
         """The most probable component of each point of x (n, d) at noise level sigma, (n,) ints."""
         return np.argmax(self.responsibilities(np, np.asarray(x), sigma), axis=-1)
+
+    def sample_jax(self, key, n: int, sigma, dtype=jnp.float32) -> jax.Array:
+        """`sample` drawn with a JAX key, in `dtype`."""
+        component_key, normal_key = jax.random.split(key)
+        k = jax.random.choice(component_key, len(self.weights), (n,), p=jnp.asarray(self.weights))
+        scale = jnp.sqrt(jnp.asarray(self.stds, dtype)[k] ** 2 + jnp.asarray(sigma, dtype) ** 2)
+        return jnp.asarray(self.means, dtype)[k] + scale * jax.random.normal(normal_key, (n, self.dim), dtype)
 
     def sample(self, rng: np.random.Generator, n: int, sigma: float = 0.0) -> np.ndarray:
         """n exact samples of the marginal at noise level sigma (0: the data), float64 (n, d)."""

@@ -69,6 +69,10 @@ class DiffusionConfig:
                                             "pair with v_prediction)")
     caption_dropout: float = option(0.0, "probability of training on the empty prompt (for classifier-free "
                                          "guidance)")
+    normalize_loss_mask: bool = option(False, "with data.loss_mask: each image's loss is its mask-weighted mean "
+                                              "error, so an image counts the same whatever its mask's area (off: "
+                                              "the weighted errors averaged over all pixels, kohya's rule, where a "
+                                              "small masked area weighs little)")
 
     def __post_init__(self):
         _check_choice("diffusion.prediction_type", self.prediction_type, ("", *PARAMETERIZATIONS))
@@ -171,6 +175,9 @@ class TrainConfig:
             _check_positive(key, getattr(self, key), allow_zero=True)
         if self.data.loss_mask and self.stage != "unet":
             raise ConfigError("data.loss_mask weighs the diffusion loss of stage unet; stage vae does not use it")
+        if self.diffusion.normalize_loss_mask and not self.data.loss_mask:
+            raise ConfigError("diffusion.normalize_loss_mask normalises the weights of data.loss_mask; turn "
+                              "data.loss_mask on (and name a mask per image) or leave it off")
         if self.batch_size % self.optimizer.grad_accumulation:
             raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of optimizer.grad_accumulation "
                               f"= {self.optimizer.grad_accumulation}")

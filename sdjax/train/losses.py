@@ -37,13 +37,17 @@ def drop_captions(key, input_ids, empty_ids, probability: float):
     return jnp.where(drop, empty_ids[None, :], input_ids)
 
 
-def weighted_mse(prediction, target, weight, pixel_weight=None):
+def weighted_mse(prediction, target, weight, pixel_weight=None, *, normalize_pixel_weight: bool = False):
     """mean over the batch of weight * (mean squared error of each sample), each element's error weighted by
-    `pixel_weight` (B, h, w) when given."""
+    `pixel_weight` (B, h, w) when given. `normalize_pixel_weight`: each sample's error is divided by its total
+    pixel weight instead of its pixel count (a weighted mean, so a sample counts the same whatever its mask)."""
     error = jnp.square(prediction.astype(jnp.float32) - target)
-    if pixel_weight is not None:
-        error = error * pixel_weight[..., None]
-    return jnp.mean(weight * jnp.mean(error, axis=tuple(range(1, target.ndim))))
+    axes = tuple(range(1, target.ndim))
+    if pixel_weight is None:
+        return jnp.mean(weight * jnp.mean(error, axis=axes))
+    weighted = jnp.sum(error * pixel_weight[..., None], axis=axes)
+    total = jnp.sum(pixel_weight, axis=axes[:-1]) if normalize_pixel_weight else pixel_weight[0].size
+    return jnp.mean(weight * weighted / (jnp.maximum(total, 1e-8) * target.shape[-1]))
 
 
 def pool_mask(mask, size: tuple[int, int]):
@@ -79,7 +83,8 @@ def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: 
         prediction = unet.apply({"params": weights["unet"]}, add_noise(x0, noise, alpha_bar), t, context)
         pixel_weight = pool_mask(batch["loss_mask"], x0.shape[1:3]) if "loss_mask" in batch else None
         loss = weighted_mse(prediction, model.target(x0, noise, alpha_bar),
-                            model.loss_weight(alpha_bar, config.min_snr_gamma), pixel_weight)
+                            model.loss_weight(alpha_bar, config.min_snr_gamma), pixel_weight,
+                            normalize_pixel_weight=config.normalize_loss_mask)
         return loss, {"loss": loss}
 
     return loss_fn

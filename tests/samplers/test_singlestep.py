@@ -13,7 +13,7 @@ from sdjax.errors import InvalidArgumentError
 from sdjax.samplers import SAMPLERS, singlestep
 from sdjax.samplers.common import step_noise, substep_noise
 from tests import kdiffusion_ref
-from tests.samplers.mixture import Mixture, default_mixture
+from tests.samplers.mixture import TestMixture, default_mixture
 
 MIXTURE = default_mixture()
 SIGMA_MIN, SIGMA_MAX = 0.03, 14.6
@@ -308,7 +308,7 @@ def test_lcm_with_an_exact_denoiser_follows_its_gaussian_recursion():
     """With an exact (posterior-mean) denoiser LCM sampling is not exact: each re-noising of E[x0 | x] loses
     variance. For Gaussian data N(mu, s^2) the chain x' = mu + g (x - mu) + sigma' z, g = s^2 / (s^2 + sigma^2),
     has variance v' = g^2 v + sigma'^2: the sampler must reproduce exactly that."""
-    gaussian = Mixture(means=[[1.0, -0.5]], stds=[0.8], weights=[1.0])
+    gaussian = TestMixture.isotropic(means=[[1.0, -0.5]], stds=[0.8], weights=[1.0])
     sigmas = karras_sigmas(6)
     variance = 0.8**2 + SIGMA_MAX**2
     for sigma, sigma_next in itertools.pairwise(sigmas):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from sdjax.errors import ConfigError
 from sdjax.train import losses
-from sdjax.train.config import DataConfig, TrainConfig
+from sdjax.train.config import DataConfig, DiffusionConfig, TrainConfig
 from sdjax.train.data import BatchIterator, DatasetError, ImageSource, scan_folder
 from tests.train.synthetic import write_synthetic_dataset
 from tests.train.test_losses import stub_diffusion_loss
@@ -81,6 +81,28 @@ def test_pixel_weights_scale_each_squared_error():
     actual = losses.weighted_mse(jnp.asarray(prediction), jnp.asarray(target), jnp.asarray(weight),
                                  jnp.asarray(pixel_weight))
     np.testing.assert_allclose(float(actual), expected, rtol=1e-5)
+
+
+def test_normalized_pixel_weights_give_each_sample_its_weighted_mean_error():
+    rng = np.random.default_rng(1)
+    prediction, target = rng.normal(size=(2, 3, 3, 4)), rng.normal(size=(2, 3, 3, 4))
+    pixel_weight, weight = rng.uniform(size=(2, 3, 3)), np.array([1.0, 2.0])
+    per_sample = [np.average(np.mean((prediction[i] - target[i]) ** 2, axis=-1), weights=pixel_weight[i])
+                  for i in range(2)]
+    actual = losses.weighted_mse(jnp.asarray(prediction), jnp.asarray(target), jnp.asarray(weight),
+                                 jnp.asarray(pixel_weight), normalize_pixel_weight=True)
+    np.testing.assert_allclose(float(actual), np.mean(weight * per_sample), rtol=1e-5)
+    # a sample's loss no longer depends on how much of it the mask covers, only on where
+    scaled = losses.weighted_mse(jnp.asarray(prediction), jnp.asarray(target), jnp.asarray(weight),
+                                 jnp.asarray(pixel_weight * np.array([0.1, 3.0])[:, None, None]),
+                                 normalize_pixel_weight=True)
+    assert float(scaled) == pytest.approx(float(actual), rel=1e-5)
+
+
+def test_normalize_loss_mask_needs_loss_masks():
+    with pytest.raises(ConfigError, match="normalize_loss_mask.*data.loss_mask"):
+        TrainConfig(diffusion=DiffusionConfig(normalize_loss_mask=True))
+    TrainConfig(diffusion=DiffusionConfig(normalize_loss_mask=True), data=DataConfig(loss_mask=True))
 
 
 def test_complementary_masks_split_the_diffusion_loss():
