@@ -356,7 +356,7 @@ def run_sampling_command(args) -> int:
     mask, ControlNets) before the model loads; every command is then one `Pipeline.generate` call."""
     import jax.numpy as jnp
 
-    from sdjax.pipeline import load_pipeline, model_folder
+    from sdjax.pipeline import check_image_size, load_pipeline, model_folder
     from sdjax.weights import diffusers_folder
 
     check_output(args.out)
@@ -369,9 +369,9 @@ def run_sampling_command(args) -> int:
     edit = inputs.get("edit")
     height, width = edit.image.shape[1:3] if edit is not None else (inputs["height"], inputs["width"])
     folder = model_folder(args.model)
-    factor = diffusers_folder.read_config(folder / "vae", "vae")[0].downscale_factor
-    if (height and height % factor) or (width and width % factor):
-        raise SdjaxError(f"size {width}x{height} must be a multiple of the VAE factor {factor}")
+    if height or width:  # fail before the (slow) load; the model's default size needs no check
+        factor = diffusers_folder.read_config(folder / "vae", "vae")[0].downscale_factor
+        check_image_size(height or factor, width or factor, factor)
     if not args.no_compile_cache:
         compile_cache.enable(args.cache_dir)
 

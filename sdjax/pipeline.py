@@ -256,11 +256,7 @@ class Pipeline:
     def _image_size(self, height, width) -> tuple[int, int]:
         factor = self.configs["vae"].downscale_factor
         default = self.raw_configs.get("unet", {}).get("sample_size", 64) * factor
-        height, width = height or default, width or default
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                raise InvalidArgumentError(f"{name}={value!r} must be a positive multiple of the VAE factor {factor}")
-        return height, width
+        return check_image_size(height or default, width or default, factor)
 
     def _text_inputs(self, request: "Request", prompt_syntax: str) -> dict:
         """cond_ids, uncond_ids (N, 77 * K), and with the a1111 syntax cond_weights, uncond_weights (N, K, 77)."""
@@ -514,6 +510,15 @@ def broadcast_batch(array, count: int, name: str):
     if array.shape[0] == 1:
         return jnp.repeat(jnp.asarray(array), count, axis=0)
     raise InvalidArgumentError(f"{name} has a batch of {array.shape[0]}; expected 1 or {count}")
+
+
+def check_image_size(height, width, factor: int) -> tuple[int, int]:
+    """(height, width) when both are positive multiples of the VAE's downscale `factor`; else a clear error. The
+    CLI calls it before loading a model, so a wrong --size fails at once."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % factor:
+            raise InvalidArgumentError(f"{name}={value!r} must be a positive multiple of the VAE factor {factor}")
+    return height, width
 
 
 def pad_batch(inputs: dict, count: int, devices: int) -> dict:

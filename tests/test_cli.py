@@ -130,7 +130,7 @@ def test_img2img_records_a1111_steps_strength_and_syntax_and_reruns_from_its_png
 
 
 @pytest.mark.parametrize("args, message", [
-    (["generate", "x", "--size", "17x16"], "size 17x16 must be a multiple of the VAE factor 2"),
+    (["generate", "x", "--size", "17x16"], "width=17 must be a positive multiple of the VAE factor 2"),
     (["generate", "x", "--sampler", "eulr"], "unknown sampler 'eulr'"),
     (["generate", "x", "--seed", "1,2", "-n", "3"], "--seed gives 2 seeds but -n/--num-images asks for 3"),
     (["generate"], "give a prompt, or --from-png"),
