@@ -1,4 +1,5 @@
-"""CLIP text transformer: the prompt encoder (tau) of Stable Diffusion 1.x / 2.x.
+"""CLIP text transformer: the prompt encoder (tau) of Stable Diffusion 1.x / 2.x, and with its projection head
+SDXL's second text encoder.
 
 Computes what transformers' `CLIPTextModel` computes: token + learned position embeddings, pre-LayerNorm
 encoder layers with causal self-attention, a final LayerNorm, and the pooled state at the end-of-text token.
@@ -38,11 +39,13 @@ class CLIPTextOutput:
         diffusers' encode_prompt hands the U-Net. The same array as last_hidden_state when clip_skip == 0.
     hidden_states: when asked for, the embeddings and every layer's output (num_hidden_layers + 1 arrays,
         no final LayerNorm), as transformers' `output_hidden_states=True`.
+    text_embeds: (batch, projection_dim) the projected pooler_output (CLIPTextModelWithProjection only).
     """
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     prompt_embeds: jax.Array
     hidden_states: tuple[jax.Array, ...] | None = None
+    text_embeds: jax.Array | None = None
 
 
 def quick_gelu(x):
@@ -223,3 +226,23 @@ class CLIPTextModel(nn.Module):
         text_model = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
                                          attention_implementation=self.attention_implementation, name="text_model")
         return text_model(input_ids, attention_mask, clip_skip=clip_skip, output_hidden_states=output_hidden_states)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """transformers' `CLIPTextModelWithProjection`, SDXL's second text encoder: CLIPTextModel's outputs plus
+    `text_embeds`, the pooled state through `text_projection` (no bias), which SDXL's U-Net takes as its pooled
+    prompt embedding. Params: `text_model` as CLIPTextModel's, and `text_projection`."""
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    attention_implementation: str = "einsum"
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask=None, *, clip_skip: int | None = 0,
+                 output_hidden_states: bool = False) -> CLIPTextOutput:
+        out = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
+                                  attention_implementation=self.attention_implementation, name="text_model")(
+            input_ids, attention_mask, clip_skip=clip_skip, output_hidden_states=output_hidden_states)
+        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
+                              param_dtype=self.param_dtype, name="text_projection")
+        return out.replace(text_embeds=projection(out.pooler_output))

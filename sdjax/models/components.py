@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models import configs
-from sdjax.models.clip import CLIPTextModel
+from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.models.vae import AutoencoderKL
@@ -88,6 +88,8 @@ COMPONENTS: dict[str, Component] = {
                      presets={"tiny": configs.TINY_VAE, "sd": configs.SD_VAE}),
     "text_encoder": Component(CLIPTextModel, configs.CLIPTextConfig, "CLIPTextModel", "transformers", _text_inputs,
                               base_model_prefix="text_model"),
+    "text_encoder_2": Component(CLIPTextModelWithProjection, configs.CLIPTextConfig, "CLIPTextModelWithProjection",
+                                "transformers", _text_inputs, presets={"sdxl": configs.SDXL_TEXT_2}),
     "controlnet": Component(ControlNetModel, ControlNetConfig, "ControlNetModel", "diffusers", _controlnet_inputs),
 }
 

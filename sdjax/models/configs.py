@@ -218,6 +218,7 @@ class CLIPTextConfig(_Config):
     # Picks the pooled (end-of-text) position. 2 is the legacy value in SD's configs, which transformers reads
     # as "pool at the argmax of the ids"; any other value pools at that token's first occurrence.
     eos_token_id: int = 49407
+    projection_dim: int = 512  # CLIPTextModelWithProjection's text_projection width (SDXL's pooled embedding)
 
     def __post_init__(self):
         if self.hidden_act not in ("quick_gelu", "gelu"):
@@ -233,6 +234,8 @@ SD_VAE = VAEConfig()
 SD15_TEXT = CLIPTextConfig()  # openai/clip-vit-large-patch14
 SD21_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                            num_attention_heads=16, hidden_act="gelu")  # OpenCLIP ViT-H/14, last layer dropped
+SDXL_TEXT_2 = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                             hidden_act="gelu", projection_dim=1280)  # OpenCLIP ViT-bigG/14 with its projection
 
 TINY_UNET = UNetConfig(block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=32, cross_attention_dim=32,
                        attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

@@ -13,7 +13,8 @@ import transformers
 from sdjax.errors import InvalidArgumentError
 from sdjax.models import configs
 from sdjax.models.clip import CLIPTextModel
-from sdjax.weights import keymap
+from sdjax.models.components import COMPONENTS
+from sdjax.weights import diffusers_folder, keymap
 from tests.tokenizer_fixture import make_clip_tokenizer
 
 PROMPTS = ["a photo of an astronaut riding a horse on the moon",
@@ -177,3 +178,49 @@ def test_bfloat16_compute_stays_close_to_float32(tokens):
     half = CLIPTextModel(SD2_LIKE, dtype=jnp.bfloat16).apply(params, ids).last_hidden_state
     assert half.dtype == jnp.bfloat16
     assert relative_l2(half, full) < 3e-2
+
+
+# ---- CLIPTextModelWithProjection (SDXL's text_encoder_2) ------------------------------------------------------
+
+SDXL2_LIKE = dataclasses.replace(SD2_LIKE, projection_dim=40)
+
+
+def projection_reference(config: configs.CLIPTextConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    model = transformers.CLIPTextModelWithProjection(
+        transformers.CLIPTextConfig(**config.to_dict(), bos_token_id=0, pad_token_id=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
+
+
+def test_with_projection_matches_transformers_through_the_registry(tokenizer, tokens, tmp_path):
+    """Saved by transformers, loaded as the registry's text_encoder_2 (no sdjax-specific key handling)."""
+    config = dataclasses.replace(SDXL2_LIKE, eos_token_id=tokenizer.eos_token_id)
+    reference = projection_reference(config)
+    reference.save_pretrained(tmp_path / "text_encoder_2")
+    loaded, _ = diffusers_folder.read_config(tmp_path / "text_encoder_2", "text_encoder_2")
+    assert loaded == config
+    params = diffusers_folder.load_params(tmp_path / "text_encoder_2", "text_encoder_2", loaded)
+    ids, _ = tokens
+    with torch.no_grad():
+        ref = reference(torch.from_numpy(ids).long(), output_hidden_states=True)
+    out = COMPONENTS["text_encoder_2"].build(loaded).apply({"params": params}, ids, output_hidden_states=True)
+    for ours, theirs in ((out.text_embeds, ref.text_embeds), (out.last_hidden_state, ref.last_hidden_state),
+                         (out.hidden_states[-2], ref.hidden_states[-2])):  # SDXL's prompt embeddings
+        assert relative_l2(ours, theirs.numpy()) < 1e-5 and max_abs(ours, theirs.numpy()) < 1e-4
+
+
+def test_with_projection_param_names_are_checkpoint_keys():
+    params = COMPONENTS["text_encoder_2"].init(SDXL2_LIKE, jax.random.key(0))
+    expected = {k for k in projection_reference(SDXL2_LIKE).state_dict() if not k.endswith("position_ids")}
+    assert set(keymap.state_dict_from_params(params)) == expected
+
+
+def test_sdxl_text_encoder_2_preset_has_transformers_parameter_count():
+    config = COMPONENTS["text_encoder_2"].presets["sdxl"]
+    count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(COMPONENTS["text_encoder_2"].param_shapes(config)))
+    with torch.device("meta"):
+        reference = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config.to_dict()))
+    assert count == sum(p.numel() for p in reference.parameters()) == 694_659_840  # SDXL base's text_encoder_2
