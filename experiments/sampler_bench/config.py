@@ -62,3 +62,8 @@ def get_config(quick: bool = False) -> dict:
                       stochastic_steps=[8], stochastic_samples=2000, by_schedule_steps=8, timing_steps=8,
                       timing_repeats=2)
     return config
+
+
+def karras_steps(config) -> list[int]:
+    """The step counts run on the karras grid: the common ones and the extra ones of the asymptotic fit."""
+    return config["steps"] + config["karras_extra_steps"]

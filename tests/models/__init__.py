@@ -19,6 +19,18 @@ def torch_state_dict(torch_module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in torch_module.state_dict().items()}
 
 
+def reference_pair(torch_class, flax_class, config, param_shapes):
+    """(the diffusers model of `config` with perturbed weights, the sdjax module, those weights as its params)."""
+    import torch
+
+    from sdjax.weights import keymap
+
+    torch.manual_seed(0)
+    torch_model = perturb_(torch_class(**config.to_dict()))
+    params = keymap.params_from_state_dict(torch_state_dict(torch_model), param_shapes, source="test")
+    return torch_model, flax_class(config), params
+
+
 def nchw(x) -> np.ndarray:
     """NHWC numpy/jax array -> NCHW numpy (for feeding torch)."""
     return np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2))

@@ -14,7 +14,7 @@ from sdjax.errors import ConfigError
 from sdjax.models import configs
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.weights import keymap
-from tests.models import errors, nchw, nhwc, perturb_, torch_state_dict
+from tests.models import errors, nchw, nhwc, reference_pair
 
 TOL = 1e-5
 SD1_LIKE = configs.TINY_UNET  # attention_head_dim int, conv projections
@@ -57,11 +57,7 @@ def _count(shapes):
 @functools.lru_cache(maxsize=None)
 def _models(name):
     """(torch model with perturbed weights, sdjax model, its params) for CONFIGS[name]."""
-    config = CONFIGS[name]
-    torch.manual_seed(0)
-    torch_model = perturb_(TorchUNet(**config.to_dict()))
-    params = keymap.params_from_state_dict(torch_state_dict(torch_model), _param_shapes(config), source="test")
-    return torch_model, UNet2DConditionModel(config), params
+    return reference_pair(TorchUNet, UNet2DConditionModel, CONFIGS[name], _param_shapes(CONFIGS[name]))
 
 
 def _inputs(config, batch, hw, seed=0):

@@ -14,7 +14,7 @@ from flax import traverse_util
 from sdjax.models import configs
 from sdjax.models.vae import AutoencoderKL, DiagonalGaussian, scale_latents, unscale_latents
 from sdjax.weights import keymap
-from tests.models import errors, nchw, nhwc, perturb_, torch_state_dict
+from tests.models import errors, nchw, nhwc, reference_pair
 
 TOL = 1e-5
 # Tiny VAE with two resnets per level and GroupNorm groups < channels; a second without mid attention/quant convs.
@@ -35,11 +35,8 @@ def _keys(shapes):
 
 @functools.lru_cache(maxsize=None)
 def _models(name):
-    config = CONFIGS[name]
-    torch.manual_seed(0)
-    torch_model = perturb_(TorchVAE(**config.to_dict()))
-    params = keymap.params_from_state_dict(torch_state_dict(torch_model), _param_shapes(config), source="test")
-    return torch_model, AutoencoderKL(config), params
+    """(torch model with perturbed weights, sdjax model, its params) for CONFIGS[name]."""
+    return reference_pair(TorchVAE, AutoencoderKL, CONFIGS[name], _param_shapes(CONFIGS[name]))
 
 
 def _images(batch, hw, seed=0):
