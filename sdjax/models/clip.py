@@ -228,21 +228,16 @@ class CLIPTextModel(nn.Module):
         return text_model(input_ids, attention_mask, clip_skip=clip_skip, output_hidden_states=output_hidden_states)
 
 
-class CLIPTextModelWithProjection(nn.Module):
+class CLIPTextModelWithProjection(CLIPTextModel):
     """transformers' `CLIPTextModelWithProjection`, SDXL's second text encoder: CLIPTextModel's outputs plus
     `text_embeds`, the pooled state through `text_projection` (no bias), which SDXL's U-Net takes as its pooled
     prompt embedding. Params: `text_model` as CLIPTextModel's, and `text_projection`."""
-    config: CLIPTextConfig
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, clip_skip: int | None = 0,
                  output_hidden_states: bool = False) -> CLIPTextOutput:
-        out = CLIPTextTransformer(self.config, dtype=self.dtype, param_dtype=self.param_dtype,
-                                  attention_implementation=self.attention_implementation, name="text_model")(
-            input_ids, attention_mask, clip_skip=clip_skip, output_hidden_states=output_hidden_states)
+        out = super().__call__(input_ids, attention_mask, clip_skip=clip_skip,
+                               output_hidden_states=output_hidden_states)
         projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
                               param_dtype=self.param_dtype, name="text_projection")
         return out.replace(text_embeds=projection(out.pooler_output))
