@@ -26,9 +26,9 @@ class Component:
 
     class_name / library: what diffusers or transformers write in config.json and model_index.json (and so the
     weights file name). base_model_prefix: the top-level module name transformers may leave out of its keys
-    (transformers 5 saves CLIPTextModel without `text_model.`; SD checkpoints keep it). example_inputs:
-    config -> the smallest input shapes that trace the module (for init and param shapes). presets: named
-    architectures that training can start from.
+    (transformers 5 saves CLIPTextModel without `text_model.`; SD checkpoints keep it). example_inputs /
+    example_keywords: config -> the smallest input shapes that trace the module, positional and keyword (for init
+    and param shapes). presets: named architectures that training can start from.
     """
     module: type
     config_class: type
@@ -37,6 +37,7 @@ class Component:
     example_inputs: Callable[[Any], tuple]
     base_model_prefix: str | None = None
     presets: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    example_keywords: Callable[[Any], dict] = lambda config: {}
 
     @property
     def weights_name(self) -> str:
@@ -48,12 +49,14 @@ class Component:
 
     def param_shapes(self, config) -> Any:
         """Shapes of the params (no memory allocated)."""
-        return jax.eval_shape(self.build(config).init, jax.random.key(0), *self.example_inputs(config))["params"]
+        return jax.eval_shape(self.build(config).init, jax.random.key(0), *self.example_inputs(config),
+                              **self.example_keywords(config))["params"]
 
     def init(self, config, key) -> Any:
         """Freshly initialised float32 params."""
-        inputs = [jnp.zeros(s.shape, s.dtype) for s in self.example_inputs(config)]
-        return jax.jit(self.build(config).init)(key, *inputs)["params"]
+        zeros = lambda specs: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), specs)  # noqa: E731
+        return jax.jit(self.build(config).init)(key, *zeros(self.example_inputs(config)),
+                                                **zeros(self.example_keywords(config)))["params"]
 
 
 def _smallest_latents(config) -> tuple[int, int]:
@@ -65,6 +68,16 @@ def _unet_inputs(config) -> tuple:
     side, channels = _smallest_latents(config)
     return (_spec((1, side, side, channels), jnp.float32), _spec((1,), jnp.int32),
             _spec((1, 1, config.cross_attention_dim), jnp.float32))
+
+
+def _unet_keywords(config) -> dict:
+    """SDXL's added conditioning: the pooled text embedding and the time ids, sized so that together they fill
+    add_embedding's input (projection_class_embeddings_input_dim)."""
+    if config.addition_embed_type != "text_time":
+        return {}
+    time_ids = 6  # original size, crop corner, target size (the refiner: 5, with an aesthetic score)
+    pooled = config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+    return {"text_embeds": _spec((1, pooled), jnp.float32), "time_ids": _spec((1, time_ids), jnp.float32)}
 
 
 def _controlnet_inputs(config: ControlNetConfig) -> tuple:
@@ -83,7 +96,8 @@ def _text_inputs(config) -> tuple:
 
 COMPONENTS: dict[str, Component] = {
     "unet": Component(UNet2DConditionModel, configs.UNetConfig, "UNet2DConditionModel", "diffusers", _unet_inputs,
-                      presets={"tiny": configs.TINY_UNET, "sd15": configs.SD15_UNET, "sd21": configs.SD21_UNET}),
+                      presets={"tiny": configs.TINY_UNET, "sd15": configs.SD15_UNET, "sd21": configs.SD21_UNET},
+                      example_keywords=_unet_keywords),
     "vae": Component(AutoencoderKL, configs.VAEConfig, "AutoencoderKL", "diffusers", _vae_inputs,
                      presets={"tiny": configs.TINY_VAE, "sd": configs.SD_VAE}),
     "text_encoder": Component(CLIPTextModel, configs.CLIPTextConfig, "CLIPTextModel", "transformers", _text_inputs,

@@ -30,9 +30,6 @@ _OFF_VALUES: dict[str, tuple[Any, ...]] = {
     "only_cross_attention": (False,),
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
     "encoder_hid_dim": (None,),
     "encoder_hid_dim_type": (None,),
     "time_embedding_type": ("positional",),
@@ -156,8 +153,20 @@ class UNetConfig(_Config):
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
+    # SDXL's micro-conditioning: "text_time" adds an embedding of the pooled text embedding and the size/crop
+    # time ids (each sinusoidally embedded in addition_time_embed_dim) to the time embedding.
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
+        if self.addition_embed_type not in (None, "text_time"):
+            raise ValueError(f"addition_embed_type {self.addition_embed_type!r} is not supported (use null or "
+                             f"'text_time', SDXL's)")
+        if self.addition_embed_type and not (self.addition_time_embed_dim and
+                                             self.projection_class_embeddings_input_dim):
+            raise ValueError("addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                             "projection_class_embeddings_input_dim")
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(
@@ -230,6 +239,12 @@ class CLIPTextConfig(_Config):
 SD15_UNET = UNetConfig(cross_attention_dim=768, attention_head_dim=8)
 SD21_UNET = UNetConfig(cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
                        use_linear_projection=True, upcast_attention=True)
+SDXL_UNET = UNetConfig(  # stabilityai/stable-diffusion-xl-base-1.0
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816)
 SD_VAE = VAEConfig()
 SD15_TEXT = CLIPTextConfig()  # openai/clip-vit-large-patch14
 SD21_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,

@@ -48,6 +48,9 @@ class ControlNetConfig(UNetConfig):
         super().__post_init__()
         if self.mid_block_type is None:
             raise ValueError("mid_block_type must be set: a ControlNet always has a mid block")
+        if self.addition_embed_type is not None:
+            raise ValueError(f"addition_embed_type {self.addition_embed_type!r}: SDXL ControlNets are not supported "
+                             f"yet")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError(f"controlnet_conditioning_channel_order must be 'rgb' or 'bgr', "
                              f"got {self.controlnet_conditioning_channel_order!r}")

@@ -1,4 +1,4 @@
-"""UNet2DConditionModel for SD 1.x / 2.x (diffusers' architecture and parameter names, NHWC).
+"""UNet2DConditionModel for SD 1.x / 2.x and SDXL (diffusers' architecture and parameter names, NHWC).
 
 `down_block_kwargs` / `mid_block_kwargs` describe the down path from a config, so ControlNet can build the
 same blocks under the same names.
@@ -92,6 +92,21 @@ def embed_timesteps(module: nn.Module, config: UNetConfig, timesteps, batch: int
                              name="time_embedding")(t_emb)
 
 
+def embed_additions(module: nn.Module, config: UNetConfig, text_embeds, time_ids):
+    """SDXL's added conditioning (B, 4 * block_out_channels[0]): `add_embedding` of the pooled text embedding
+    `text_embeds` (B, P) beside the sinusoidal embedding of each of the `time_ids` (B, K) (original size, crop
+    corner, target size; with the refiner an aesthetic score). Creates `add_embedding` as a child of `module`."""
+    if text_embeds is None or time_ids is None:
+        raise InvalidArgumentError("this U-Net (addition_embed_type 'text_time', SDXL's) needs text_embeds (the "
+                                   "pooled prompt embedding) and time_ids (sizes and crop corner)")
+    batch = text_embeds.shape[0]
+    time_embeds = timestep_embedding(jnp.asarray(time_ids, jnp.float32).reshape(-1), config.addition_time_embed_dim,
+                                     flip_sin_to_cos=config.flip_sin_to_cos, freq_shift=config.freq_shift)
+    added = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds.reshape(batch, -1)], axis=-1)
+    return TimestepEmbedding(4 * config.block_out_channels[0], dtype=module.dtype, param_dtype=module.param_dtype,
+                             name="add_embedding")(added.astype(module.dtype))
+
+
 def down_path(module: nn.Module, config: UNetConfig, x, temb, context):
     """The down blocks (children `down_blocks.i` of `module`): the features and every skip connection,
     starting with the conv_in output `x`. Shared by the U-Net and the ControlNet."""
@@ -110,7 +125,8 @@ class UNet2DConditionModel(nn.Module):
     -> (B, H, W, out_channels).
 
     The optional ControlNet residuals (NHWC, one per skip connection, and one for the mid block) are added
-    where diffusers adds them.
+    where diffusers adds them. An SDXL U-Net also takes `text_embeds` (B, P) and `time_ids` (B, K), diffusers'
+    `added_cond_kwargs`.
     """
     config: UNetConfig
     dtype: Any = jnp.float32
@@ -121,7 +137,7 @@ class UNet2DConditionModel(nn.Module):
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states,
                  down_block_additional_residuals: Sequence[Any] | None = None,
-                 mid_block_additional_residual=None):
+                 mid_block_additional_residual=None, *, text_embeds=None, time_ids=None):
         config = self.config
         check_config(config)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -130,6 +146,8 @@ class UNet2DConditionModel(nn.Module):
         channels0 = config.block_out_channels[0]
 
         temb = embed_timesteps(self, config, timesteps, batch)
+        if config.addition_embed_type == "text_time":
+            temb = temb + embed_additions(self, config, text_embeds, time_ids)
         context = encoder_hidden_states.astype(self.dtype)
 
         x = make_conv(self, channels0, 3, "conv_in")(sample.astype(self.dtype))

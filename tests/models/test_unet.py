@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel as TorchUNet
 from flax import traverse_util
 
-from sdjax.errors import ConfigError
+from sdjax.errors import ConfigError, InvalidArgumentError
 from sdjax.models import configs
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.weights import keymap
@@ -33,7 +33,16 @@ ODD_NO_MID = configs.UNetConfig(
 ONE_LEVEL = configs.UNetConfig(
     block_out_channels=(32,), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
     down_block_types=("CrossAttnDownBlock2D",), up_block_types=("CrossAttnUpBlock2D",))
-CONFIGS = {"sd1_like": SD1_LIKE, "sd2_like": SD2_LIKE, "odd_no_mid": ODD_NO_MID, "one_level": ONE_LEVEL}
+# SDXL's layout: no attention at the top level, several transformer layers below, added text_time embedding
+# (pooled text 20 + 6 time ids x 8 = 68 inputs to add_embedding).
+SDXL_LIKE = configs.UNetConfig(
+    block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=24,
+    transformer_layers_per_block=(1, 2, 3), attention_head_dim=(1, 2, 4), use_linear_projection=True,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=68)
+CONFIGS = {"sd1_like": SD1_LIKE, "sd2_like": SD2_LIKE, "odd_no_mid": ODD_NO_MID, "one_level": ONE_LEVEL,
+           "sdxl_like": SDXL_LIKE}
 
 
 def _spec(shape):
@@ -43,7 +52,14 @@ def _spec(shape):
 def _param_shapes(config, latent_hw=(16, 16)):
     model = UNet2DConditionModel(config)
     return jax.eval_shape(model.init, jax.random.key(0), _spec((1, *latent_hw, config.in_channels)), _spec((1,)),
-                          _spec((1, 7, config.cross_attention_dim)))["params"]
+                          _spec((1, 7, config.cross_attention_dim)), **_added_specs(config))["params"]
+
+
+def _added_specs(config) -> dict:
+    if config.addition_embed_type is None:
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return {"text_embeds": _spec((1, pooled)), "time_ids": _spec((1, 6))}
 
 
 def _keys(shapes):
@@ -81,7 +97,8 @@ def test_parameter_names_match_diffusers(name):
     assert _keys(_param_shapes(config)) == expected
 
 
-@pytest.mark.parametrize("config,count", [(configs.SD15_UNET, 859_520_964), (configs.SD21_UNET, None)])
+@pytest.mark.parametrize("config,count", [(configs.SD15_UNET, 859_520_964), (configs.SD21_UNET, None),
+                                          (configs.SDXL_UNET, 2_567_463_684)], ids=["sd15", "sd21", "sdxl"])
 def test_real_presets_match_diffusers(config, count):
     shapes = _param_shapes(config, (64, 64))
     with torch.device("meta"):
@@ -106,6 +123,25 @@ def test_unet_matches_diffusers(name, batch, hw, timesteps):
     print(f"\nU-Net {name} {batch}x{hw} t={timesteps}: relative L2 {rel:.3g}, max abs {max_abs:.3g}")
     assert out.shape == (batch, *hw, model.config.out_channels)
     assert rel <= TOL
+
+
+def test_sdxl_added_conditioning_matches_diffusers():
+    torch_model, model, params = _models("sdxl_like")
+    sample, context = _inputs(model.config, 2, (16, 8))
+    rng = np.random.RandomState(4)
+    text_embeds = rng.randn(2, 20).astype(np.float32)
+    time_ids = np.array([[64, 32, 0, 0, 64, 32], [96, 48, 8, 4, 64, 32]], np.float32)  # sizes and crop corner
+    t = np.array([3.0, 700.0], np.float32)
+    out = jax.jit(model.apply)({"params": params}, sample, t, context, text_embeds=text_embeds, time_ids=time_ids)
+    added = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
+    rel, max_abs = errors(out, _torch_unet(torch_model, sample, t, context, added_cond_kwargs=added))
+    print(f"\nU-Net sdxl_like: relative L2 {rel:.3g}, max abs {max_abs:.3g}")
+    assert rel <= TOL
+    other = jax.jit(model.apply)({"params": params}, sample, t, context, text_embeds=text_embeds,
+                                 time_ids=time_ids[::-1])
+    assert errors(other, out)[0] > 1e-3  # the time ids are really read
+    with pytest.raises(InvalidArgumentError, match="needs text_embeds .* and time_ids"):
+        model.apply({"params": params}, sample, t, context)
 
 
 def test_controlnet_residuals_match_diffusers():
