@@ -7,6 +7,7 @@ reproduces a diffusers scheduler config.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Mapping
 
 import numpy as np
@@ -71,6 +72,8 @@ class SamplingPlan:
         options = dict(self.options)
         if "targets" in options:  # ddim_fixed_stride: one target noise level per step
             options["targets"] = tuple(options["targets"])[start:]
+        if "steps_before" in inspect.signature(get_sampler(self.sampler)).parameters:
+            options["steps_before"] = start  # a per-step pattern fixed by the full schedule (dpmpp_singlestep)
         return dataclasses.replace(self, sigmas=self.sigmas[start:], options=tuple(sorted(options.items())))
 
 

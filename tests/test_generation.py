@@ -308,3 +308,35 @@ def test_the_pure_function_under_pmap_and_jit_gives_the_images_of_generate(sd1_f
     assert np.abs(np.asarray(images).reshape(expected.shape).astype(int) - expected).max() <= 1
     jitted, _ = jax.jit(fn)(call.params, inputs)
     assert np.abs(np.asarray(jitted).astype(int) - expected).max() <= 1
+
+
+# Classes whose steps follow a per-step pattern (orders, warm-up, a state carried between steps): img2img cuts the
+# schedule at int(steps * strength) from the end, at an odd (10 steps, strength 0.5) and an even (0.6) index.
+# Not here: PNDM and LMS, where diffusers' img2img is not a consistent solver after the cut and sdjax restarts the
+# method instead. diffusers' PNDM runs its Heun start on the first two kept timesteps, then evaluates the U-Net
+# one timestep below the sample's noise level (the full schedule's repeated second timestep is not in the tail);
+# its LMS uses the full schedule's order (4) at the first kept step with one derivative in its history.
+CUT_SCHEDULERS = [("DPMSolverSinglestepScheduler", {}), ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+                  ("DPMSolverMultistepScheduler", {}), ("UniPCMultistepScheduler", {}),
+                  ("DEISMultistepScheduler", {}), ("HeunDiscreteScheduler", {}), ("KDPM2DiscreteScheduler", {})]
+
+
+@pytest.mark.parametrize("class_name, overrides", [
+    pytest.param(c, o, id=c + "".join(f"-{k}={v}" for k, v in o.items()),
+                 marks=() if c == "DPMSolverSinglestepScheduler" else pytest.mark.slow) for c, o in CUT_SCHEDULERS])
+def test_img2img_cuts_a_scheduler_config_like_diffusers(class_name, overrides, sd1_folder, tmp_path,
+                                                         encode_with_posterior_mean):
+    import diffusers
+    folder, reference = sd1_folder
+    scheduler = getattr(diffusers, class_name).from_config(reference.scheduler.config, **overrides)
+    pipeline = sdjax.load_pipeline(folder_with_scheduler(folder, scheduler, tmp_path / "model"))
+    image = np.random.default_rng(6).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    noise = torch_noise((1, 16, 16, 4), seed=4)
+    for strength in (0.5, 0.6):
+        ours = pipeline.img2img(image, PROMPTS[0], NEGATIVE[0], strength=strength, steps=10, guidance_scale=7.0,
+                                noise=noise)
+        theirs = StableDiffusionImg2ImgPipeline(**{**reference.components, "scheduler": scheduler})(
+            PROMPTS[0], image=Image.fromarray(image[0]), negative_prompt=NEGATIVE[0], strength=strength,
+            num_inference_steps=10, guidance_scale=7.0, generator=torch.Generator().manual_seed(4),
+            output_type="np").images
+        assert_images_match(ours.images, theirs)

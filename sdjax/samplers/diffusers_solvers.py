@@ -76,7 +76,7 @@ def _group_weights(sigma_start, sigma_mid, sigma_last, sigma_to, eta, solver_typ
 
 @register("dpmpp_singlestep", internal=True)
 def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midpoint", lower_order_final=True,
-                     eta=0.0, s_noise=1.0):
+                     eta=0.0, s_noise=1.0, steps_before=0):
     """Singlestep DPM-Solver++ (Lu et al. 2022b, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
     Probabilistic Models", its singlestep solvers with the intermediate points on the grid), as diffusers'
     DPMSolverSinglestepScheduler: step i belongs to a group of order k = singlestep_orders(...)[i]; a group's
@@ -86,6 +86,10 @@ def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midp
     solver_type "midpoint" or "heun" picks the higher-order terms; lower_order_final shortens the final group
     (see `singlestep_orders`); the step into sigma = 0 is first order. eta > 0 gives the SDE variant
     (algorithm_type "sde-dpmsolver++" is eta = 1), with fresh noise each step from `key`.
+
+    steps_before: steps of the full schedule cut off before `sigmas` (img2img's strength). The group pattern is
+    the full schedule's, as diffusers keeps it, and a group cut by the start runs at the order its evaluations
+    so far allow.
     """
     require_order("dpmpp_singlestep", order, MAX_SINGLESTEP_ORDER)
     require_choice("dpmpp_singlestep", "solver_type", solver_type, ("midpoint", "heun"))
@@ -95,7 +99,8 @@ def dpmpp_singlestep(denoise, x, sigmas, key=None, *, order=2, solver_type="midp
         require_key(key, "dpmpp_singlestep", "eta > 0")
     x, sigmas = working_arrays(x, sigmas)
     num_steps = sigmas.shape[0] - 1
-    orders = jnp.asarray(singlestep_orders(num_steps, order, lower_order_final))
+    pattern = singlestep_orders(steps_before + num_steps, order, lower_order_final)[steps_before:]
+    orders = jnp.asarray([min(k, j + 1) for j, k in enumerate(pattern)])
 
     def body(carry, step):
         x, x_start, history = carry
