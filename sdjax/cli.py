@@ -189,7 +189,8 @@ def check_output(out: str) -> None:
     target = Path(out)
     folder = target.parent if target.suffix.lower() == ".png" else target
     if not folder.is_dir():
-        raise SdjaxError(f"--out {out}: folder {folder} does not exist; create it first")
+        what = "is a file, not a folder" if folder.exists() else "does not exist; create it first"
+        raise SdjaxError(f"--out {out}: {folder} {what}")
     try:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".sdjax-write-check-"):
             pass

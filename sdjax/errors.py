@@ -26,6 +26,10 @@ class InvalidArgumentError(SdjaxError, ValueError):
     """A function argument is out of range or inconsistent with the others."""
 
 
+class DiskFullError(SdjaxError, OSError):
+    """The disk has no room for what sdjax must write (a checkpoint, a metrics line)."""
+
+
 class NonFiniteOutputError(SdjaxError, FloatingPointError):
     """The model produced NaN or inf for some images (they would be silently black). `result` holds the whole
     generation, the finite images included."""

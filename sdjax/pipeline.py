@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import numbers
 import os
 import time
 import warnings
@@ -18,7 +19,7 @@ import numpy as np
 
 from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules
 from sdjax.control import Control, control_images, control_model
-from sdjax.errors import InvalidArgumentError, NonFiniteOutputError
+from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.models.vae import scale_latents, unscale_latents
@@ -166,6 +167,8 @@ class Pipeline:
             height, width = pixels.shape[1:3]
             plan = plan if edit.strength == 1.0 else plan.for_strength(edit.strength)
         if latents is not None and height is None and width is None:  # the size the latents are for
+            if np.ndim(latents) != 4:
+                raise InvalidArgumentError(f"latents must be (N, h, w, c), got shape {np.shape(latents)}")
             factor = self.configs["vae"].downscale_factor
             height, width = (factor * side for side in np.shape(latents)[1:3])
         request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
@@ -233,10 +236,13 @@ class Pipeline:
         return inputs
 
     def _request(self, prompt, negative_prompt, num_images, seed, seeds, height, width) -> "Request":
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise InvalidArgumentError("prompt must be a string or a non-empty list of strings")
+            raise InvalidArgumentError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
         negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""]
+        if not all(isinstance(n, str) for n in negatives):
+            raise InvalidArgumentError(f"negative_prompt must be a string or a list of strings, got "
+                                       f"{negative_prompt!r}")
         if len(negatives) not in (1, len(prompts)):
             raise InvalidArgumentError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         negatives = negatives * len(prompts) if len(negatives) == 1 else list(negatives)
@@ -247,11 +253,11 @@ class Pipeline:
         prompts = [p for p in prompts for _ in range(num_images)]
         negatives = [n for n in negatives for _ in range(num_images)]
         if seeds is None:
-            seeds = [int(seed) + i for i in range(len(prompts))]
+            seeds = [check_seed(seed) + i for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise InvalidArgumentError(f"seeds has {len(seeds)} entries for {len(prompts)} images")
         height, width = self._image_size(height, width)
-        return Request(prompts, negatives, [int(s) for s in seeds], height, width)
+        return Request(prompts, negatives, [check_seed(s) for s in seeds], height, width)
 
     def _image_size(self, height, width) -> tuple[int, int]:
         factor = self.configs["vae"].downscale_factor
@@ -271,11 +277,11 @@ class Pipeline:
                 prompt_syntax: str = "diffusers") -> dict:
         count = request.count
         for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
-            if not np.isfinite(value):
-                raise InvalidArgumentError(f"{name} must be a finite number, got {value}")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+                raise InvalidArgumentError(f"{name} must be a finite number, got {value!r}")
         inputs = {
             **self._text_inputs(request, prompt_syntax),
-            "seeds": jnp.asarray(np.asarray(request.seeds, np.int64) % 2**32, jnp.uint32),
+            "seeds": jnp.asarray(np.asarray(request.seeds, np.int64), jnp.uint32),
             "guidance_scale": jnp.full((count,), guidance_scale, jnp.float32),
             "guidance_rescale": jnp.full((count,), guidance_rescale, jnp.float32),
             "sigmas": jnp.asarray(plan.sigmas, jnp.float32),
@@ -512,6 +518,17 @@ def broadcast_batch(array, count: int, name: str):
     raise InvalidArgumentError(f"{name} has a batch of {array.shape[0]}; expected 1 or {count}")
 
 
+SEED_RANGE = 2**32  # seeds are 0 <= seed < 2**32; image i's noise comes from jax.random.key(seeds[i])
+
+
+def check_seed(seed) -> int:
+    """`seed` as an int, when it is an integer in [0, 2**32) (so no two seeds give the same noise)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_RANGE:
+        raise InvalidArgumentError(f"seed {seed!r} is outside sdjax's seed range: an integer 0 <= seed < 2**32 "
+                                   f"(= {SEED_RANGE}); with several images, seed + i must stay below it too")
+    return int(seed)
+
+
 def check_image_size(height, width, factor: int) -> tuple[int, int]:
     """(height, width) when both are positive multiples of the VAE's downscale `factor`; else a clear error. The
     CLI calls it before loading a model, so a wrong --size fails at once."""
@@ -541,9 +558,14 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
     is split between them (padded to a multiple of their count; default: the first local device only).
     """
-    dtype_name = np.dtype(dtype).name
+    try:
+        dtype_name = np.dtype(dtype).name
+    except TypeError:
+        dtype_name = str(dtype)
     if dtype_name not in _PARAM_DTYPES:
         raise InvalidArgumentError(f"dtype={dtype_name!r} is not supported; use one of {', '.join(_PARAM_DTYPES)}")
+    if devices is not None and len(devices) == 0:
+        raise InvalidArgumentError("devices=[] lists no device; pass None (the first device) or e.g. jax.devices()")
     folder = model_folder(path_or_hub_id, variant)
     diffusers_folder.read_model_index(folder)
     CLIPTokenizer = clip_tokenizer_class()
@@ -553,6 +575,11 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         loaded[name], raw[name] = diffusers_folder.read_config(folder / name, name)
         params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
+    tokenizer_files = {path.name for path in (folder / "tokenizer").iterdir()}
+    if "tokenizer.json" not in tokenizer_files and not {"vocab.json", "merges.txt"} <= tokenizer_files:
+        raise MissingComponentError(f"{folder / 'tokenizer'} has neither tokenizer.json nor vocab.json with "
+                                    f"merges.txt: a CLIP tokenizer needs one of them (copy the model's tokenizer/ "
+                                    f"folder again)")
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     mesh = None if devices is None else parallel.make_mesh(devices=devices)
     return Pipeline(loaded, params, tokenizer, scheduler_config, dtype=dtype,

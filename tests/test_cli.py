@@ -135,7 +135,7 @@ def test_img2img_records_a1111_steps_strength_and_syntax_and_reruns_from_its_png
     (["generate", "x", "--seed", "1,2", "-n", "3"], "--seed gives 2 seeds but -n/--num-images asks for 3"),
     (["generate"], "give a prompt, or --from-png"),
     (["generate", "--from-png", "{tmp}/image.png"], "the PNG carries no generation parameters"),
-    (["generate", "x", "--out", "{tmp}/missing/out.png"], "folder {tmp}/missing does not exist"),
+    (["generate", "x", "--out", "{tmp}/missing/out.png"], "{tmp}/missing does not exist; create it first"),
     (["img2img", "x", "--image", "{tmp}/image.png", "--strength", "1.5"], "must be within [0, 1], got 1.5"),
     (["inpaint", "x", "--image", "{tmp}/image.png", "--mask", "{tmp}/small.png"], "they must be the same size"),
     (["controlnet", "x", "--controlnet", "{tmp}", "--control-image", "{tmp}/image.png"],

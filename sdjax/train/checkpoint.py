@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sdjax.errors import SdjaxError
+from sdjax.errors import DiskFullError, SdjaxError
 
 ITEMS = ("state", "data", "model")
 log = logging.getLogger("sdjax.train")
@@ -33,10 +33,6 @@ class CheckpointMismatchError(SdjaxError, ValueError):
 
 class CheckpointDamagedError(SdjaxError, ValueError):
     """No checkpoint of the run directory reads back."""
-
-
-class DiskFullError(SdjaxError, OSError):
-    """The run directory's disk has no room for the next checkpoint (or metrics line)."""
 
 
 def tree_bytes(tree: Any) -> int:

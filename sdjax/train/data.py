@@ -59,7 +59,16 @@ def _read_metadata(path: Path) -> dict[str, tuple[str, str | None]]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise DatasetError(f"{path}:{number}: expected a JSON object with 'file_name' and 'text' "
                                f"({type(err).__name__}: {err})") from None
+        outside = [name for name in (entry["file_name"], mask) if name is not None and _leaves_folder(name)]
+        if outside:
+            raise DatasetError(f"{path}:{number}: {outside[0]!r} is not a path inside the data folder; name files "
+                               f"relative to it, without '..' or a leading '/'")
     return entries
+
+
+def _leaves_folder(name: str) -> bool:
+    path = Path(name)
+    return path.is_absolute() or ".." in path.parts
 
 
 def _sidecar_caption(image: Path) -> str | None:

@@ -6,6 +6,7 @@ steps_per_sec is measured per window; the first window of a process includes com
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
@@ -15,6 +16,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from sdjax.errors import DiskFullError
 from sdjax.progress import ProgressBar
 
 log = logging.getLogger("sdjax.train")
@@ -81,8 +83,15 @@ class MetricsLog:
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step, **{key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]},
                **self.host_metrics(step), "steps_per_sec": len(fetched) / max(elapsed, 1e-9)}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise DiskFullError(f"no room to write {self.path} (step {step}): the disk is full. The newest "
+                                f"checkpoint is intact (a half-written line is dropped on resume); free space and "
+                                f"rerun the same command to resume") from None
         if self._writer is not None:
             for key, value in row.items():
                 if key != "step":
@@ -91,6 +100,9 @@ class MetricsLog:
         self.last, self._pending, self._window_start = row, [], time.perf_counter()
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError as err:  # a full disk: flush() has already raised DiskFullError for it
+            log.warning("closing %s: %s", self.path, err)
         if self._writer is not None:
             self._writer.close()

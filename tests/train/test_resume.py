@@ -1,5 +1,6 @@
-"""Interrupted runs, in real processes: SIGKILL after a checkpoint, then SIGTERM mid-run, then completion must
-reproduce the uninterrupted reference run bit for bit (losses, params, optimizer state, EMA)."""
+"""Interrupted runs, in real processes: SIGKILL after a checkpoint, then SIGTERM mid-run, then a damaged latest
+checkpoint, then completion must reproduce the uninterrupted reference run bit for bit (losses, params, optimizer
+state, EMA)."""
 import json
 import signal
 import time
@@ -70,10 +71,17 @@ def test_killed_then_terminated_run_resumes_exactly(reference_run, tiny_override
     assert finished_checkpoints(workdir)[-1] == terminated_at < REFERENCE_STEPS
     assert not (workdir / "export").exists()
 
-    # 3. Resume to the end.
+    # 3. A disk fault damages the latest checkpoint: resuming moves it aside and continues from the one before.
+    previous = finished_checkpoints(workdir)[-2]
+    for path in (workdir / "checkpoints" / str(terminated_at)).rglob("*"):
+        if path.is_file():
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    # 4. Resume to the end.
     process = start_training_process(tiny_overrides, workdir, compilation_cache)
     assert process.wait(timeout=300) == 0, workdir.with_suffix(".log").read_text()[-3000:]
-    assert starts(workdir) == [0, killed_at, terminated_at]
+    assert starts(workdir) == [0, killed_at, previous]
+    assert (workdir / "checkpoints" / f"{terminated_at}.damaged").is_dir()
 
     reference_dir, reference = reference_run
     assert read_losses(workdir) == read_losses(reference_dir)
