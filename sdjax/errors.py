@@ -26,6 +26,10 @@ class InvalidArgumentError(SdjaxError, ValueError):
     """A function argument is out of range or inconsistent with the others."""
 
 
+class NonFiniteLossError(SdjaxError, FloatingPointError):
+    """Training met a NaN/inf loss or gradient (its update was dropped) and the config says to stop."""
+
+
 class DiskFullError(SdjaxError, OSError):
     """The disk has no room for what sdjax must write (a checkpoint, a metrics line)."""
 

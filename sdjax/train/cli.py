@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optimizer.learning_rate=3e-4 (repeatable; "
                              "tuples: a|b|c)")
+    parser.add_argument("--allow-changed-settings", action="store_true",
+                        help="resume a run with other settings than its config.json (the change is listed in "
+                             "runs.jsonl, the new settings in config.step_<N>.json; config.json is kept)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as JSON and exit without training")
     parser.add_argument("--no-compile-cache", action="store_true",
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
         if not args.no_compile_cache:
             from sdjax import compile_cache
             compile_cache.enable()
-        result = train(config, args.workdir)
+        result = train(config, args.workdir, allow_changed_settings=args.allow_changed_settings)
     except ConfigError as err:
         print(f"sdjax train: config error: {err}", file=sys.stderr)
         return 2

@@ -158,6 +158,9 @@ class TrainConfig:
                                 "time); 0 disables")
     eval_raw_weights: bool = option(False, "evaluate the raw weights too, not only the EMA ones")
     export_ema: bool = option(True, "export the EMA weights (else the raw ones) to <workdir>/export")
+    nonfinite: str = option("stop", "a step whose loss or gradients are NaN/inf never updates the weights; then "
+                                    "'stop': the run saves its (finite) state and ends with an error at that log "
+                                    "line, or 'skip': it goes on (metrics.jsonl's nonfinite: the fraction skipped)")
     mesh: str = option("", "devices to train on, as data=N,fsdp=M (N * M = the device count): the batch splits over "
                            "all of them, and with fsdp > 1 params, optimizer state and EMA split over fsdp; empty: "
                            "one device")
@@ -169,6 +172,7 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_choice("stage", self.stage, STAGES)
+        _check_choice("nonfinite", self.nonfinite, ("stop", "skip"))
         for key in ("batch_size", "num_steps", "log_every", "checkpoint_every", "keep_checkpoints", "sample_steps"):
             _check_positive(key, getattr(self, key))
         for key in ("sample_every", "eval_every"):

@@ -32,7 +32,7 @@ import jax
 import optax
 
 from sdjax import parallel
-from sdjax.errors import ConfigError, InvalidArgumentError
+from sdjax.errors import ConfigError, InvalidArgumentError, NonFiniteLossError
 from sdjax.pipeline import Pipeline, load_pipeline
 from sdjax.train import config as config_lib
 from sdjax.train.checkpoint import CheckpointStore
@@ -103,11 +103,15 @@ def git_revision() -> str:
         return "unknown"
 
 
-def write_run_files(workdir: Path, config: TrainConfig, start_step: int) -> None:
-    (workdir / "config.json").write_text(json.dumps(config_lib.to_dict(config), indent=2) + "\n")
+def write_run_files(workdir: Path, config: TrainConfig, start_step: int, changed: list[str] = ()) -> None:
+    """config.json (the run's settings) and a runs.jsonl line per start. A resume allowed to change settings
+    keeps config.json as the run began and writes its own config.step_<N>.json, the changes listed in runs.jsonl."""
+    text = json.dumps(config_lib.to_dict(config), indent=2) + "\n"
+    (workdir / (f"config.step_{start_step}.json" if changed else "config.json")).write_text(text)
     entry = {"started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
              "seed": config.seed, "git_revision": git_revision(), "start_step": start_step, "command": sys.argv,
-             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()]}
+             "jax": jax.__version__, "devices": [str(d) for d in jax.devices()],
+             **({"changed_settings": list(changed)} if changed else {})}
     with (workdir / "runs.jsonl").open("a") as runs:
         runs.write(json.dumps(entry) + "\n")
 
@@ -115,15 +119,16 @@ def write_run_files(workdir: Path, config: TrainConfig, start_step: int) -> None
 # What a resumed run may change: when to log, keep, sample and evaluate, not what is trained.
 BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
                     "sample_steps", "sample_guidance_scale", "eval_every", "eval_raw_weights", "export_ema",
-                    "mesh")  # the same run resumes on another mesh: the arithmetic is the same
+                    "mesh",  # the same run resumes on another mesh: the arithmetic is the same
+                    "nonfinite")  # what a NaN step does, never what a finite one computes
 
 
-def check_same_run(workdir: Path, config: TrainConfig) -> None:
-    """Refuse to resume the run in `workdir` with other training settings than its config.json records: the
-    result would mix two experiments, and the record of the first would be overwritten."""
+def check_same_run(workdir: Path, config: TrainConfig, *, allow_changes: bool = False) -> list[str]:
+    """The settings (other than bookkeeping) in which `config` differs from the config.json of the run in
+    `workdir`; refused unless `allow_changes`: the result would mix two experiments."""
     path = workdir / "config.json"
     if not path.is_file():
-        return
+        return []
     try:
         saved = config_lib.flatten(config_lib.from_dict(json.loads(path.read_text())))
     except (ValueError, ConfigError) as err:
@@ -131,9 +136,14 @@ def check_same_run(workdir: Path, config: TrainConfig) -> None:
                           f"a new --workdir") from None
     changed = [f"{key} {saved.get(key)!r} -> {value!r}" for key, value in config_lib.flatten(config).items()
                if key not in BOOKKEEPING_KEYS and saved.get(key) != value]
-    if changed:
+    if changed and not allow_changes:
         raise ConfigError(f"{workdir} holds a run trained with other settings ({'; '.join(changed)}); resume it "
-                          f"with the settings of its config.json, or train the new settings in a new --workdir")
+                          f"with the settings of its config.json, train the new settings in a new --workdir, or "
+                          f"go on with them on purpose (--allow-changed-settings: recorded in runs.jsonl, "
+                          f"config.json kept)")
+    if changed:
+        log.warning("resuming %s with changed settings: %s", workdir, "; ".join(changed))
+    return changed
 
 
 def make_source(config: TrainConfig, workdir: Path, task: Task, records):
@@ -158,9 +168,10 @@ class _Run:
     batches: BatchIterator
     skipped: set
     mesh: Any = None  # a (data, fsdp) mesh (sdjax.parallel), or None for one device
+    changed: list[str] = dataclasses.field(default_factory=list)  # settings a resume was allowed to change
 
 
-def _start(config: TrainConfig, workdir: Path) -> _Run:
+def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
     """Validate, build the model, and restore the latest checkpoint. Bad data, a bad config or a checkpoint of
     another model fail here before anything in `workdir` is written."""
     if workdir.exists() and not workdir.is_dir():
@@ -175,8 +186,7 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
     base = load_pipeline(config.model.pretrained)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
     store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
-    if store.latest_step() is not None:
-        check_same_run(workdir, config)
+    changed = check_same_run(workdir, config, allow_changes=allow_changes) if store.latest_step() is not None else []
     task = build_task(config, base, jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM))
     optimizer = make_optimizer(config.optimizer, config.num_steps)
     state = create_state(task.trainable, task.frozen, optimizer)
@@ -190,7 +200,7 @@ def _start(config: TrainConfig, workdir: Path) -> _Run:
         log.info("resumed from step %d", int(state.step))
     if mesh is not None:  # params, optimizer state and EMA placed by the sharding rules; batches in the loop
         state = jax.device_put(state, parallel.param_shardings(state, mesh))
-    return _Run(base, task, optimizer, store, state, batches, source.skipped, mesh)
+    return _Run(base, task, optimizer, store, state, batches, source.skipped, mesh, changed)
 
 
 def training_mesh(config: TrainConfig):
@@ -208,19 +218,21 @@ def training_mesh(config: TrainConfig):
 
 
 def train(config: TrainConfig, workdir: str | Path, *,
-          evaluate: Callable[[Pipeline], dict[str, float]] | None = None) -> TrainResult:
+          evaluate: Callable[[Pipeline], dict[str, float]] | None = None,
+          allow_changed_settings: bool = False) -> TrainResult:
     """Train (or resume) the run in `workdir` until config.num_steps or a stop signal. `evaluate`, when given, is
     called every config.eval_every steps with the pipeline holding the current weights (EMA, and raw too with
-    config.eval_raw_weights); what it returns is appended to eval.jsonl with the step and the weights' name."""
+    config.eval_raw_weights); what it returns is appended to eval.jsonl with the step and the weights' name.
+    A resume with other settings than the run's config.json is refused unless `allow_changed_settings`."""
     workdir = Path(workdir)
     # Installed first, so a stop requested while starting up also ends the run cleanly (before its first step).
     with StopSignals() as stop:
-        run = _start(config, workdir)
+        run = _start(config, workdir, allow_changed_settings)
         state, task, start = run.state, run.task, int(run.state.step)
         metrics = MetricsLog(workdir, every=config.log_every, start_step=start, total_steps=config.num_steps,
                              host_metrics=_host_metrics(config, run.skipped))
         truncate_after(workdir / "eval.jsonl", start)  # evaluations past the checkpoint are repeated
-        write_run_files(workdir, config, start)
+        write_run_files(workdir, config, start, run.changed)
         train_step = make_train_step(task.loss_fn, run.optimizer, ema_decay=config.optimizer.ema_decay,
                                      grad_accumulation=config.optimizer.grad_accumulation)
         step_key = jax.random.fold_in(jax.random.key(config.seed), _STEP_STREAM)
@@ -243,6 +255,13 @@ def train(config: TrainConfig, workdir: str | Path, *,
                 state, step_metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
                 step += 1
                 metrics.add(step, step_metrics)
+                if config.nonfinite == "stop" and metrics.last.get("step") == step and metrics.last["nonfinite"]:
+                    save(state)  # finite: the NaN/inf updates were dropped
+                    raise NonFiniteLossError(
+                        f"the loss or gradients were NaN/inf in {metrics.last['nonfinite']:.0%} of the steps up to "
+                        f"step {step} (metrics.jsonl); their updates were dropped and checkpoint {step} holds the "
+                        f"last finite state. Lower the learning rate or check the data, then rerun to resume; "
+                        f"or set nonfinite=skip to step over them")
                 if evaluating and step % config.eval_every == 0:  # before the checkpoint of the same step
                     _evaluate(evaluate, viewer, state, step, workdir / "eval.jsonl", config.eval_raw_weights)
                 if step % config.checkpoint_every == 0:

@@ -63,8 +63,13 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = update_ema(state.ema_params, params, ema_decay_at(state.step, ema_decay))
-        metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params), metrics
+        grad_norm = optax.tree.norm(grads)
+        # A NaN/inf loss or gradient (the norm is finite only if every gradient is) would poison params, optimizer
+        # state and EMA for good: such an update is dropped, and the step still counts (data and keys move on).
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+        state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, state.replace(step=state.step + 1))
+        return state, {**metrics, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
 
     def train_step(state: TrainState, batch, key):
         new_state, metrics = update(state.replace(frozen={}), state.frozen, batch, key)
