@@ -377,7 +377,7 @@ def run_sampling_command(args) -> int:
         compile_cache.enable(args.cache_dir)
 
     status(f"loading {args.model or 'the embedded shapes model'}")
-    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention)
+    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention, check_finite=True)
     show_compile_status("" if args.no_compile_cache else " (slow the first time only: later runs read it from "
                                                          "the compilation cache)")
     result = pipeline.generate(

@@ -550,13 +550,15 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
-                  variant: str | None = None, attention: str = "einsum") -> Pipeline:
+                  variant: str | None = None, attention: str = "einsum", check_finite: bool = False) -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
     model that ships inside sdjax (`sdjax.embedded`).
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
     is split between them (padded to a multiple of their count; default: the first local device only).
+    check_finite: refuse weights that hold NaN or inf, naming the file and tensors (a pass over every weight; the
+    CLI does it). Without it, a damaged weight shows as NonFiniteOutputError when it spoils an image.
     """
     try:
         dtype_name = np.dtype(dtype).name
@@ -573,7 +575,8 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     loaded, raw, params = {}, {}, {}
     for name in STABLE_DIFFUSION:
         loaded[name], raw[name] = diffusers_folder.read_config(folder / name, name)
-        params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant)
+        params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant,
+                                                    check_finite=check_finite)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizer_files = {path.name for path in (folder / "tokenizer").iterdir()}
     if "tokenizer.json" not in tokenizer_files and not {"vocab.json", "merges.txt"} <= tokenizer_files:

@@ -194,9 +194,21 @@ LOADING = [
         c, t, lambda f: [p.unlink() for p in (f / "tokenizer").iterdir()]), "tokenizer has neither tokenizer.json nor vocab.json"),
     Case("scheduler config invalid", lambda c, t: damaged(
         c, t, lambda f: (f / "scheduler" / "scheduler_config.json").write_text("[]")), "expected a JSON object"),
+    Case("weights hold NaN", lambda c, t: sdjax.load_pipeline(_poison(copied_model(c, t)), check_finite=True),
+         "vae/diffusion_pytorch_model.safetensors: 1 tensor\\(s\\) hold NaN or inf, e.g. decoder.conv_out.bias"),
     Case("devices empty", lambda c, t: sdjax.load_pipeline(c.folder, devices=[]), "devices=\\[\\] lists no device"),
     Case("dtype unknown", lambda c, t: sdjax.load_pipeline(c.folder, dtype="float8"), "dtype='float8'"),
 ]
+
+
+def _poison(folder: Path) -> Path:
+    """`folder` with a NaN in its VAE decoder's weights."""
+    from safetensors.numpy import load_file, save_file
+    path = _weights(folder / "vae")
+    state = load_file(path)
+    state["decoder.conv_out.bias"][0] = np.nan
+    save_file(state, path)
+    return folder
 
 
 def _weights(component: Path) -> Path:
@@ -239,8 +251,15 @@ COMMANDS = [
     Case("cli controlnet folder", lambda c, t: command("controlnet", "x", "--controlnet", str(t),
                                                        "--control-image", str(image(t)))(c, t),
          "not a diffusers ControlNet folder"),
+    Case("cli weights hold NaN", lambda c, t: _poisoned_command(c, t), "hold NaN or inf, e.g. decoder.conv_out.bias"),
     Case("cli convert onto a file", command("convert", "{tmp}/before.txt", "{tmp}/out", model=False), "before.txt"),
 ]
+
+def _poisoned_command(context, tmp):
+    """`sdjax generate` on a copy of the model with a NaN weight (the CLI checks weights as it loads them)."""
+    _poison(copied_model(context, tmp))
+    return cli.main(["generate", "x", "--model", str(tmp / "model"), "--out", str(tmp / "out.png")])
+
 
 TRAINING = [
     Case("train unknown key", train("optimizer.learning_rat=1e-3"), "learning_rat"),

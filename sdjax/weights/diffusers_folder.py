@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.errors import ConfigError, MissingComponentError
+from sdjax.errors import ConfigError, MissingComponentError, WeightsError
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
 from sdjax.weights import keymap, tensors
 
@@ -60,12 +60,19 @@ def read_config(folder: Path, name: str, *, hint: str = ""):
     return component.config_class.from_dict(raw, source=str(path)), raw
 
 
-def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: str | None = None):
-    """Flax params of component `name` with `config`, from the weight files in `folder`."""
+def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: str | None = None,
+                check_finite: bool = False):
+    """Flax params of component `name` with `config`, from the weight files in `folder`; with `check_finite`,
+    tensors holding NaN or inf are refused by name."""
     component = COMPONENTS[name]
     files = tensors.find_weight_files(folder, variant)
     state = with_base_prefix(tensors.read_weights(files), component.base_model_prefix)
     source = ", ".join(str(f) for f in files)
+    broken = [key for key, value in state.items() if check_finite and value.dtype.kind == "f"
+              and not np.isfinite(value).all()]
+    if broken:
+        raise WeightsError(f"{source}: {len(broken)} tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}; the "
+                           f"file is damaged: copy or download it again")
     return keymap.params_from_state_dict(state, component.param_shapes(config), source=source, dtype=np.dtype(dtype))
 
 
