@@ -41,6 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config key, e.g. --set optimizer.learning_rate=3e-4 (repeatable; "
                              "tuples: a|b|c)")
+    parser.add_argument("--mesh", metavar="data=N,fsdp=M",
+                        help="the devices to train on (the mesh config key): the batch splits over all of them, "
+                             "params, optimizer state and EMA over fsdp")
+    multi = parser.add_argument_group("several processes (hosts): start one per host with the same arguments")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address; with --num-processes and --process-id, joins a multi-process run "
+                            "(jax.distributed, gloo on CPU); 'auto': detect the cluster (Cloud TPU, SLURM)")
+    multi.add_argument("--num-processes", type=int, help="processes in the run")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="resume a run with other settings than its config.json (the change is listed in "
                              "runs.jsonl, the new settings in config.step_<N>.json; config.json is kept)")
@@ -57,7 +66,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(logging.getLogger("sdjax"))
     try:
-        config = config_lib.load_config(args.config, args.overrides)
+        if args.coordinator:  # before anything touches a device
+            from sdjax import distributed
+            auto = args.coordinator == "auto"
+            distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id)
+        overrides = args.overrides + ([f"mesh={args.mesh}"] if args.mesh else [])
+        config = config_lib.load_config(args.config, overrides)
         if args.print_config:
             print(json.dumps(config_lib.to_dict(config), indent=2))
             return 0

@@ -131,12 +131,15 @@ class DataConfig:
     cache_latents: bool = option(False, "encode every image (and its mirror) once and train from the stored "
                                         "VAE posteriors")
     cache_dir: str = option("", "where the latent cache lives ('' = <workdir>/latent_cache)")
+    streams: int = option(0, "interleaved data streams that make each batch (0: one per process); each process "
+                             "reads its own; set it to another run's process count to reproduce its data order")
     loss_mask: bool = option(False, "weigh the diffusion loss per pixel by the grayscale image each metadata.jsonl "
                                     "line names in its loss_mask field (white 1, black 0; averaged over the "
                                     "pixels each latent covers), as kohya's masked loss")
 
     def __post_init__(self):
         _check_positive("data.resolution", self.resolution)
+        _check_positive("data.streams", self.streams, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True)

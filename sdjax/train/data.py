@@ -17,6 +17,7 @@ import dataclasses
 import json
 import warnings
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -192,11 +193,22 @@ def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class BatchIterator:
-    """Endless batches from a Source, reshuffled each epoch from (seed, epoch); restorable from `state()`."""
+    """Endless batches from a Source, reshuffled each epoch from (seed, epoch); restorable from `state()`.
 
-    def __init__(self, source: Source, batch_size: int, seed: int, *, random_flip: bool = True):
+    The epoch's order is dealt into `streams` interleaved streams (stream s: positions s, s + streams, ...), each
+    contributing batch_size / streams examples to every batch, in stream order. A process reads only the streams
+    it `owns` (its rows of the global batch), so several processes share the data without reading each other's;
+    with one stream this is a plain walk through the epoch's order.
+    """
+
+    def __init__(self, source: Source, batch_size: int, seed: int, *, random_flip: bool = True, streams: int = 1,
+                 owned: Sequence[int] | None = None):
+        if batch_size % streams or len(source) < streams:
+            raise DatasetError(f"batch_size {batch_size} and the {len(source)} examples must split into {streams} "
+                               f"data streams (data.streams, one per process by default)")
         self.source, self.batch_size, self.seed, self.random_flip = source, batch_size, seed, random_flip
-        self.epoch, self.position = 0, 0
+        self.streams, self.owned = streams, tuple(range(streams) if owned is None else owned)
+        self.cursors = {stream: (0, 0) for stream in self.owned}  # stream -> (epoch, position within the stream)
         self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -208,33 +220,44 @@ class BatchIterator:
             self._plan = (epoch, order, flips)
         return self._plan[1], self._plan[2]
 
-    def state(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position, "num_examples": len(self.source)}
+    def state(self) -> dict[str, Any]:
+        """This process's position: (epoch, position) with one stream, else [stream, epoch, position] rows of the
+        streams it owns."""
+        if self.streams == 1:
+            epoch, position = self.cursors[0]
+            return {"epoch": epoch, "position": position, "num_examples": len(self.source)}
+        return {"streams": [[s, *self.cursors[s]] for s in self.owned], "num_examples": len(self.source)}
 
-    def restore(self, state: dict[str, int]) -> None:
+    def restore(self, state: dict[str, Any]) -> None:
         if state.get("num_examples") != len(self.source):
             warnings.warn(f"the dataset had {state.get('num_examples')} examples when the checkpoint was written "
                           f"and has {len(self.source)} now; the resumed run sees a different order", stacklevel=2)
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        rows = state.get("streams", [[0, state.get("epoch"), state.get("position")]])
+        saved = {int(s): (int(epoch), int(position)) for s, epoch, position in rows}
+        if len(saved) != self.streams:
+            raise DatasetError(f"the checkpoint's data position has {len(saved)} stream(s), the run {self.streams}; "
+                               f"set data.streams={len(saved)} to resume it")
+        self.cursors = {stream: saved[stream] for stream in self.owned}
 
-    def _advance(self) -> tuple[int, bool]:
-        order, flips = self.epoch_plan(self.epoch)
-        index, flip = int(order[self.position]), bool(flips[self.position])
-        self.position += 1
-        if self.position == len(order):
-            self.epoch, self.position = self.epoch + 1, 0
+    def _advance(self, stream: int) -> tuple[int, bool]:
+        epoch, position = self.cursors[stream]
+        order, flips = (part[stream::self.streams] for part in self.epoch_plan(epoch))
+        index, flip = int(order[position]), bool(flips[position])
+        self.cursors[stream] = (epoch + 1, 0) if position + 1 == len(order) else (epoch, position + 1)
         return index, flip
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, Any]:
-        examples, misses = [], 0
-        while len(examples) < self.batch_size:
-            example = self.source.example(*self._advance())
-            if example is not None:
-                examples.append(example)
-                misses = 0
-            elif (misses := misses + 1) >= len(self.source):
-                raise DatasetError("no example in the dataset could be read (every image was skipped)")
+        examples = []
+        for stream in self.owned:
+            taken, misses = 0, 0
+            while taken < self.batch_size // self.streams:
+                example = self.source.example(*self._advance(stream))
+                if example is not None:
+                    examples.append(example)
+                    taken, misses = taken + 1, 0
+                elif (misses := misses + 1) >= len(self.source):
+                    raise DatasetError("no example in the dataset could be read (every image was skipped)")
         return _collate(examples)

@@ -31,7 +31,9 @@ from typing import Any
 import jax
 import optax
 
-from sdjax import parallel
+import numpy as np
+
+from sdjax import distributed, parallel
 from sdjax.errors import ConfigError, InvalidArgumentError, NonFiniteLossError
 from sdjax.pipeline import Pipeline, load_pipeline
 from sdjax.train import config as config_lib
@@ -180,6 +182,7 @@ def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
         raise ConfigError("model.pretrained is empty: set it to a diffusers folder (e.g. --set "
                           "model.pretrained=path/to/stable-diffusion-v1-5)")
     mesh = training_mesh(config)
+    owned_streams = data_streams(config, mesh)
     records = scan_folder(config.data.folder, require_captions=config.stage == "unet",
                           require_masks=config.data.loss_mask)
     log.info("loading the base model %s", config.model.pretrained)
@@ -191,16 +194,43 @@ def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
     optimizer = make_optimizer(config.optimizer, config.num_steps)
     state = create_state(task.trainable, task.frozen, optimizer)
     source = make_source(config, workdir, task, records)
-    batches = BatchIterator(source, config.batch_size, config.seed, random_flip=config.data.random_flip)
+    batches = BatchIterator(source, config.batch_size, config.seed, random_flip=config.data.random_flip,
+                            streams=owned_streams[0], owned=owned_streams[1])
+    if mesh is not None:  # params, optimizer state and EMA placed by the sharding rules (and restored so)
+        state = distributed.to_global(state, parallel.param_shardings(state, mesh))
     latest = store.restore_latest(checkpointed(state))
     if latest is not None:
         _, restored, data_state = latest
         state = with_checkpointed(state, restored)
         batches.restore(data_state)
         log.info("resumed from step %d", int(state.step))
-    if mesh is not None:  # params, optimizer state and EMA placed by the sharding rules; batches in the loop
-        state = jax.device_put(state, parallel.param_shardings(state, mesh))
     return _Run(base, task, optimizer, store, state, batches, source.skipped, mesh, changed)
+
+
+def data_streams(config: TrainConfig, mesh) -> tuple[int, range]:
+    """(how many data streams, the ones this process reads): data.streams, by default one per process; each
+    process reads its share, the rows of the global batch that its devices hold."""
+    processes = jax.process_count()
+    if processes > 1 and mesh is None:
+        raise ConfigError(f"{processes} processes train one run on a mesh over all their devices: set "
+                          f"mesh=data={jax.device_count()} (or a data/fsdp split of it)")
+    if processes > 1 and config.data.cache_latents:
+        raise ConfigError("data.cache_latents is not supported with several processes yet (each would write the "
+                          "whole cache); turn it off")
+    streams = config.data.streams or processes
+    if streams % processes:
+        raise ConfigError(f"data.streams = {streams} must be a multiple of the {processes} processes")
+    share = streams // processes
+    return streams, range(jax.process_index() * share, (jax.process_index() + 1) * share)
+
+
+def data_position(batches: BatchIterator) -> dict:
+    """The data position a checkpoint records: every process's streams (a collective with several processes)."""
+    local = batches.state()
+    if jax.process_count() == 1 or "streams" not in local:
+        return local
+    rows = distributed.gather_rows(np.asarray(local["streams"], np.int64))
+    return {**local, "streams": rows.reshape(-1, 3).tolist()}
 
 
 def training_mesh(config: TrainConfig):
@@ -229,19 +259,24 @@ def train(config: TrainConfig, workdir: str | Path, *,
     with StopSignals() as stop:
         run = _start(config, workdir, allow_changed_settings)
         state, task, start = run.state, run.task, int(run.state.step)
+        primary = distributed.is_primary()  # the one process that writes the run's files
         metrics = MetricsLog(workdir, every=config.log_every, start_step=start, total_steps=config.num_steps,
-                             host_metrics=_host_metrics(config, run.skipped))
-        truncate_after(workdir / "eval.jsonl", start)  # evaluations past the checkpoint are repeated
-        write_run_files(workdir, config, start, run.changed)
+                             host_metrics=_host_metrics(config, run.skipped), write=primary)
+        if primary:
+            truncate_after(workdir / "eval.jsonl", start)  # evaluations past the checkpoint are repeated
+            write_run_files(workdir, config, start, run.changed)
         train_step = make_train_step(task.loss_fn, run.optimizer, ema_decay=config.optimizer.ema_decay,
                                      grad_accumulation=config.optimizer.grad_accumulation)
         step_key = jax.random.fold_in(jax.random.key(config.seed), _STEP_STREAM)
         evaluating = evaluate is not None and config.eval_every > 0
         # One pipeline for sample grids and evaluations, so its compiled functions are reused; params are swapped in.
-        viewer = trained_pipeline(run.base, task, state.ema_params) if config.sample_every or evaluating else None
+        # With several processes the weights are gathered to every host (all must take part) and process 0 uses
+        # them alone.
+        viewer = trained_pipeline(run.base, task, on_host(state.ema_params)) if config.sample_every or evaluating \
+            else None
 
         def save(state):
-            run.store.save(int(state.step), checkpointed(state), run.batches.state(), task.fingerprint)
+            run.store.save(int(state.step), checkpointed(state), data_position(run.batches), task.fingerprint)
 
         step = start
         if step < config.num_steps:  # the first step compiles: minutes for a large model
@@ -250,8 +285,8 @@ def train(config: TrainConfig, workdir: str | Path, *,
         try:
             while step < config.num_steps and not stop.requested:
                 batch = task.prepare_batch(next(run.batches))
-                if run.mesh is not None:
-                    batch = jax.device_put(batch, parallel.batch_sharding(run.mesh))
+                if run.mesh is not None:  # this process's rows, on its devices, of the global batch
+                    batch = distributed.global_batch(batch, parallel.batch_sharding(run.mesh))
                 state, step_metrics = train_step(state, batch, jax.random.fold_in(step_key, step))
                 step += 1
                 metrics.add(step, step_metrics)
@@ -263,14 +298,19 @@ def train(config: TrainConfig, workdir: str | Path, *,
                         f"last finite state. Lower the learning rate or check the data, then rerun to resume; "
                         f"or set nonfinite=skip to step over them")
                 if evaluating and step % config.eval_every == 0:  # before the checkpoint of the same step
-                    _evaluate(evaluate, viewer, state, step, workdir / "eval.jsonl", config.eval_raw_weights)
+                    weights = on_host({"ema": state.ema_params, **({"raw": state.params}
+                                                                   if config.eval_raw_weights else {})})
+                    if primary:
+                        _evaluate(evaluate, viewer, weights, step, workdir / "eval.jsonl")
                 if step % config.checkpoint_every == 0:
                     save(state)
                 if config.sample_every and step % config.sample_every == 0:
-                    save_sample_grid(swap_weights(viewer, state.ema_params),
-                                     workdir / "samples" / f"step_{step:07d}.png", config.sample_prompts,
-                                     size=config.data.resolution, steps=config.sample_steps,
-                                     guidance_scale=config.sample_guidance_scale, seed=config.seed)
+                    weights = on_host(state.ema_params)
+                    if primary:
+                        save_sample_grid(swap_weights(viewer, weights), workdir / "samples" / f"step_{step:07d}.png",
+                                         config.sample_prompts, size=config.data.resolution,
+                                         steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
+                                         seed=config.seed)
             metrics.flush(step)
             save(state)
         finally:
@@ -278,15 +318,21 @@ def train(config: TrainConfig, workdir: str | Path, *,
             metrics.close()
     export_dir = None
     if step >= config.num_steps and not stop.requested:
-        weights = state.ema_params if config.export_ema else state.params
-        export_dir = export_folder(trained_pipeline(run.base, task, weights), workdir / "export")
-        log.info("exported %s weights to %s", "EMA" if config.export_ema else "raw", export_dir)
+        weights = on_host(state.ema_params if config.export_ema else state.params)
+        export_dir = workdir / "export"
+        if primary:
+            export_folder(trained_pipeline(run.base, task, weights), export_dir)
+            log.info("exported %s weights to %s", "EMA" if config.export_ema else "raw", export_dir)
     run.store.close()
     return TrainResult(step, stop.requested, export_dir, metrics.last, state)
 
 
-def _evaluate(evaluate, viewer: Pipeline, state: TrainState, step: int, path: Path, raw_too: bool) -> None:
-    weights = {"ema": state.ema_params, **({"raw": state.params} if raw_too else {})}
+def on_host(params):
+    """`params` whole on this host (gathered from every process: all must call it), or as they are with one."""
+    return distributed.to_host(params) if jax.process_count() > 1 else params
+
+
+def _evaluate(evaluate, viewer: Pipeline, weights: dict, step: int, path: Path) -> None:
     with path.open("a") as rows:
         for name, params in weights.items():
             values = {key: float(value) for key, value in evaluate(swap_weights(viewer, params)).items()}

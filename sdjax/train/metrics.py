@@ -9,13 +9,14 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 
+from sdjax import distributed
 from sdjax.errors import DiskFullError
 from sdjax.progress import ProgressBar
 
@@ -57,15 +58,17 @@ class MetricsLog:
     """Collects per-step metrics and writes their mean every `every` steps."""
 
     def __init__(self, workdir: Path, *, every: int, start_step: int, total_steps: int,
-                 host_metrics: Callable[[int], dict[str, float]] = lambda step: {}):
+                 host_metrics: Callable[[int], dict[str, float]] = lambda step: {}, write: bool = True):
+        """write=False (every process but the first of a multi-process run): compute, show, write nothing."""
         self.path = workdir / "metrics.jsonl"
         self.host_metrics = host_metrics
-        truncate_after(self.path, start_step)
+        if write:
+            truncate_after(self.path, start_step)
         self.every = every
-        self._file = self.path.open("a")
+        self._file = self.path.open("a") if write else open(os.devnull, "w")
         self._pending: list[dict] = []
         self._window_start = time.perf_counter()
-        self._writer = _tensorboard_writer(workdir / "tensorboard")
+        self._writer = _tensorboard_writer(workdir / "tensorboard") if write else None
         self.bar = ProgressBar(total_steps, label="train")
         self.last: dict[str, float] = {}
 
@@ -79,7 +82,7 @@ class MetricsLog:
         """Write the mean of the pending steps' metrics, with `host_metrics(step)`, as the line of `step`."""
         if not self._pending:
             return
-        fetched = jax.device_get(self._pending)
+        fetched = distributed.to_host(self._pending)
         elapsed = time.perf_counter() - self._window_start
         row = {"step": step, **{key: float(np.mean([m[key] for m in fetched])) for key in fetched[0]},
                **self.host_metrics(step), "steps_per_sec": len(fetched) / max(elapsed, 1e-9)}
