@@ -9,6 +9,9 @@ device_put / device_get.
 """
 from __future__ import annotations
 
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -37,9 +40,25 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise InvalidArgumentError(f"coordinator {coordinator!r} must be HOST:PORT, like localhost:12355")
+    who = f"process {process_id} of {num_processes}"
+    if process_id > 0:  # XLA aborts the whole process when its first connection fails: look before joining
+        _wait_for_listener(host, int(port), timeout, who, coordinator)
     _join(lambda **kw: jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                                                  **kw), coordinator, f"process {process_id} of {num_processes}",
-          timeout)
+                                                  **kw), coordinator, who, timeout)
+
+
+def _wait_for_listener(host: str, port: int, timeout: int, who: str, coordinator: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return
+        except OSError as err:
+            if time.monotonic() >= deadline:
+                raise DistributedError(f"{who} could not join the run at {coordinator} within {timeout} s: nothing "
+                                       f"listens there ({err.strerror or err}); start process 0 first, with the "
+                                       f"same --coordinator, on that host") from None
+            time.sleep(0.5)
 
 
 def _join(start, where: str, who: str, timeout: int) -> None:

@@ -279,6 +279,12 @@ TRAINING = [
     Case("train loss mask on vae", train("stage=vae", "data.loss_mask=true"), "stage vae does not use it"),
     Case("train normalize without masks", train("diffusion.normalize_loss_mask=true"), "normalize_loss_mask"),
     Case("train mesh", train("mesh=data=3"), "mesh"),
+    Case("train process id", lambda c, t: train_cli.main(["x.py", "--workdir", str(t), "--coordinator",
+                                                         "localhost:1", "--num-processes", "2", "--process-id", "2"]),
+         "process_id=2 must be in \\[0, 2\\)"),
+    Case("train coordinator", lambda c, t: train_cli.main(["x.py", "--workdir", str(t), "--coordinator", "nowhere",
+                                                          "--num-processes", "2", "--process-id", "0"]),
+         "coordinator 'nowhere' must be HOST:PORT"),
 ]
 
 

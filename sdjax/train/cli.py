@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(jax.distributed, gloo on CPU); 'auto': detect the cluster (Cloud TPU, SLURM)")
     multi.add_argument("--num-processes", type=int, help="processes in the run")
     multi.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    multi.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long to wait for the other processes before giving up")
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="resume a run with other settings than its config.json (the change is listed in "
                              "runs.jsonl, the new settings in config.step_<N>.json; config.json is kept)")
@@ -69,7 +71,8 @@ def main(argv=None) -> int:
         if args.coordinator:  # before anything touches a device
             from sdjax import distributed
             auto = args.coordinator == "auto"
-            distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id)
+            distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id,
+                                   timeout=args.join_timeout)
         overrides = args.overrides + ([f"mesh={args.mesh}"] if args.mesh else [])
         config = config_lib.load_config(args.config, overrides)
         if args.print_config:

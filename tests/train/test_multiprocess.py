@@ -72,3 +72,14 @@ def test_two_processes_train_and_resume_like_one(tiny_overrides, tmp_path):
     starts = [json.loads(line)["start_step"] for line in (workdir / "runs.jsonl").read_text().splitlines()]
     assert starts == [0, 3]
     assert not (workdir / "config.step_3.json").read_text() == (workdir / "config.json").read_text()
+
+
+def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):
+    command = [sys.executable, "-m", "sdjax.train.cli", str(EXPERIMENT), "--workdir", str(tmp_path / "run"),
+               "--coordinator", f"localhost:{free_port()}", "--num-processes", "2", "--process-id", "1",
+               "--join-timeout", "5"]
+    result = subprocess.run(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "process 1 of 2 could not join the run at localhost:" in result.stderr and "within 5 s" in result.stderr
+    assert not (tmp_path / "run").exists()
