@@ -10,10 +10,11 @@ import optax
 import pytest
 
 from sdjax.errors import ConfigError, NonFiniteLossError
+from sdjax.train import load_config, train
 from sdjax.train.checkpoint import CheckpointStore
 from sdjax.train.state import checkpointed, create_state
 from sdjax.train.step import make_train_step
-from tests.train.conftest import run_training
+from tests.train.conftest import EXPERIMENT, run_training
 
 
 def test_a_nonfinite_step_leaves_params_optimizer_and_ema_untouched():
@@ -35,42 +36,29 @@ def test_a_nonfinite_step_leaves_params_optimizer_and_ema_untouched():
 def test_a_diverging_run_stops_with_its_finite_state_then_resumes_skipping(tiny_overrides, compilation_cache,
                                                                          tmp_path):
     workdir = tmp_path / "run"
-    diverging = ["optimizer.learning_rate=1e30", "optimizer.warmup_steps=0", "num_steps=6"]
+    diverging = ["optimizer.learning_rate=1e30", "optimizer.warmup_steps=0", "num_steps=6", "keep_checkpoints=5"]
     with pytest.raises(NonFiniteLossError, match="NaN/inf .* up to step (\\d).*checkpoint \\1 holds the last finite"):
         run_training(tiny_overrides, workdir, *diverging)
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     stopped = rows[-1]["step"]
     assert rows[-1]["nonfinite"] == 1.0 and all(row["nonfinite"] == 0.0 for row in rows[:-1])
-    store = CheckpointStore(workdir / "checkpoints")
-    assert store.latest_step() == stopped
-    saved, _ = store.restore(jax.tree.map(np.zeros_like, checkpointed(_state_like(tiny_overrides, tmp_path))))
-    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
+    assert CheckpointStore(workdir / "checkpoints").latest_step() == stopped
 
-    # Changing a training setting on resume is refused unless allowed; nonfinite is bookkeeping.
+    # Changing a training setting on resume is refused unless allowed (nonfinite is bookkeeping); an allowed
+    # change is recorded and leaves the run's config.json as it began.
+    changed = [*diverging, "nonfinite=skip", "optimizer.learning_rate=1e29"]
     with pytest.raises(ConfigError, match="learning_rate.*--allow-changed-settings"):
-        run_training(tiny_overrides, workdir, "optimizer.learning_rate=1e-3", "optimizer.warmup_steps=0",
-                     "num_steps=6")
-    result = run_training(tiny_overrides, workdir, *diverging, "nonfinite=skip")
+        run_training(tiny_overrides, workdir, *changed)
+    original = (workdir / "config.json").read_text()
+    result = train(load_config(EXPERIMENT, [*tiny_overrides, *changed]), workdir, allow_changed_settings=True)
     assert result.step == 6 and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(result.state.params))
+    assert (workdir / "config.json").read_text() == original
+    assert json.loads((workdir / f"config.step_{stopped}.json").read_text())["optimizer"]["learning_rate"] == 1e29
+    last = json.loads((workdir / "runs.jsonl").read_text().splitlines()[-1])
+    assert last["start_step"] == stopped and any("learning_rate" in change for change in last["changed_settings"])
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == list(range(1, 7)) and rows[-1]["nonfinite"] == 1.0
-
-
-def test_an_allowed_change_is_recorded_and_keeps_the_original_config(tiny_overrides, compilation_cache, tmp_path):
-    from sdjax.train import load_config, train
-    from tests.train.conftest import EXPERIMENT
-
-    workdir = tmp_path / "run"
-    run_training(tiny_overrides, workdir, "num_steps=2")
-    original = (workdir / "config.json").read_text()
-    result = train(load_config(EXPERIMENT, [*tiny_overrides, "num_steps=3", "optimizer.learning_rate=5e-4"]),
-                   workdir, allow_changed_settings=True)
-    assert result.step == 3 and (workdir / "config.json").read_text() == original
-    assert json.loads((workdir / "config.step_2.json").read_text())["optimizer"]["learning_rate"] == 5e-4
-    last = json.loads((workdir / "runs.jsonl").read_text().splitlines()[-1])
-    assert last["start_step"] == 2 and any("learning_rate" in change for change in last["changed_settings"])
-
-
-def _state_like(tiny_overrides, tmp_path):
-    """A freshly started run's state: the shapes a checkpoint of the tiny experiment restores into."""
-    return run_training(tiny_overrides, tmp_path / "shapes", "num_steps=1").state
+    # The checkpoint the stop wrote holds the finite state of that step.
+    like = jax.tree.map(np.zeros_like, checkpointed(result.state))
+    saved, _ = CheckpointStore(workdir / "checkpoints").restore(like, stopped)
+    assert int(saved["step"]) == stopped and all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(saved))
