@@ -43,11 +43,15 @@ def test_learning_is_deterministic_and_stops_at_rare_pairs():
 def test_without_torch_transformers_gives_no_advice_about_it():
     """sdjax uses transformers for tokenizers only; a machine without torch is its normal setting, so transformers'
     "PyTorch was not found. Models won't be available" line would only puzzle a user."""
+    import os
     import subprocess
     import sys
     block_torch = "import sys; sys.modules['torch'] = None; "
-    bare = subprocess.run([sys.executable, "-c", block_torch + "import transformers"], capture_output=True, text=True)
+    # A fresh environment: sdjax's CLI, run in this process by other tests, silences transformers' advice there.
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    bare = subprocess.run([sys.executable, "-c", block_torch + "import transformers"], capture_output=True, text=True,
+                          env=env)
     assert "PyTorch was not found" in bare.stderr  # what the import alone prints
     ours = subprocess.run([sys.executable, "-c", block_torch + "from sdjax.tokenizer import clip_tokenizer_class; "
-                           "clip_tokenizer_class()"], capture_output=True, text=True)
+                           "clip_tokenizer_class()"], capture_output=True, text=True, env=env)
     assert ours.returncode == 0 and "PyTorch" not in ours.stderr, ours.stderr
