@@ -332,7 +332,8 @@ def test_img2img_cuts_a_scheduler_config_like_diffusers(class_name, overrides, s
     pipeline = sdjax.load_pipeline(folder_with_scheduler(folder, scheduler, tmp_path / "model"))
     image = np.random.default_rng(6).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     noise = torch_noise((1, 16, 16, 4), seed=4)
-    for strength in (0.5, 0.6):
+    # Both cuts where the pattern is the schedule's (singlestep); the odd one, the harder, elsewhere.
+    for strength in (0.5, 0.6) if class_name == "DPMSolverSinglestepScheduler" else (0.5,):
         ours = pipeline.img2img(image, PROMPTS[0], NEGATIVE[0], strength=strength, steps=10, guidance_scale=7.0,
                                 noise=noise)
         theirs = StableDiffusionImg2ImgPipeline(**{**reference.components, "scheduler": scheduler})(

@@ -57,9 +57,9 @@ def test_two_processes_train_and_resume_like_one(tiny_overrides, tmp_path):
     # The second launch restores checkpoint 3 (written at the end) and trains on to step 6; the learning rate is
     # constant after warm-up, so the longer budget changes nothing that was computed.
     launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=6", flags=["--allow-changed-settings"])
-    # The reference: this process's 8 devices, the same global batches (2 streams, as 2 processes read them).
+    # The reference: one device in this process, the same global batches (2 streams, as 2 processes read them).
     reference = tmp_path / "single"
-    run_training(tiny_overrides, reference, *SETTINGS, "num_steps=6", "mesh=data=8", "data.streams=2")
+    run_training(tiny_overrides, reference, *SETTINGS, "num_steps=6", "data.streams=2")
 
     losses = {name: [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
               for name, folder in (("multi", workdir), ("single", reference))}
