@@ -10,8 +10,10 @@
              latents), plus the fresh U-Net and text encoder: the folder the diffusion stage starts from
 5. unet      `sdjax train` stage unet with the text encoder trained jointly (train_unet.py, v-prediction)
 6. refine    a second cosine cycle of the same training from stage 5's EMA weights (train_refine.py)
-7. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
-8. package   the U-Net and text encoder of 6 with the VAE of 7, EMA weights in float16, a model card, to --out
+7. balance   a third cycle from stage 6's EMA weights with each image's masked loss normalised, so small shapes
+             weigh as much as large ones (train_balance.py)
+8. decoder   the VAE's decoder fine-tuned with the encoder frozen (train_decoder.py): same latents, sharper shapes
+9. package   the U-Net and text encoder of 7 with the VAE of 8, EMA weights in float16, a model card, to --out
 
 Every stage is a pure function of the seeds in its config, checkpoints as it goes and is skipped when its
 output is complete, so rerunning the command after an interruption continues where it stopped.
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-STAGES = ("data", "init", "vae", "base", "unet", "refine", "decoder", "package")
+STAGES = ("data", "init", "vae", "base", "unet", "refine", "balance", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
 SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
 
@@ -132,8 +134,8 @@ center, on a plain background of another of those colours, at 64x64 pixels. It k
   fine-tuned afterwards with the encoder frozen, as SD's ft-MSE decoder was.
 - Text encoder: a 3-layer CLIP text transformer with a BPE tokenizer learned from the captions, trained
   jointly with the U-Net.
-- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas, v-prediction; trained in two
-  cosine cycles of 4,000 steps (stages unet and refine).
+- U-Net: SD's UNet2DConditionModel architecture with cross-attention, linear betas, v-prediction; trained in
+  three cosine cycles of 4,000 steps (stages unet, refine and balance).
 - Weights: the EMA, float16. Default sampler: DPM-Solver++(2M) with Karras sigmas.
 
 Re-create it: `python -m experiments.shapes.recipe --workdir runs/shapes --out sdjax/assets/shapes`
@@ -189,6 +191,10 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
     if "refine" in stages:
         log.info("refine: training in %s", workdir / "refine")
         unet_export = train_stage(HERE / "train_refine.py", workdir / "refine", with_data(unet_export) + cached,
+                                  evaluate=adherence_evaluator(prompts=64))
+    if "balance" in stages:
+        log.info("balance: training in %s", workdir / "balance")
+        unet_export = train_stage(HERE / "train_balance.py", workdir / "balance", with_data(unet_export) + cached,
                                   evaluate=adherence_evaluator(prompts=64))
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")

@@ -20,7 +20,7 @@ def test_the_smoke_recipe_trains_every_stage_and_packages_a_model(tmp_path):
     workdir, out = tmp_path / "run", tmp_path / "package"
     first = recipe(workdir, out)
     assert first.returncode == 0, first.stderr[-3000:]
-    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("refine", "unet"), ("decoder", "vae")):
+    for stage, kind in (("vae", "vae"), ("unet", "unet"), ("refine", "unet"), ("balance", "unet"), ("decoder", "vae")):
         assert json.loads((workdir / stage / "config.json").read_text())["stage"] == kind
         assert (workdir / stage / "export" / "model_index.json").is_file()
     scale = json.loads((workdir / "base" / "vae" / "config.json").read_text())["scaling_factor"]
@@ -36,12 +36,14 @@ def test_the_smoke_recipe_trains_every_stage_and_packages_a_model(tmp_path):
     moved = lambda name: not all(np.array_equal(a, b) for a, b in zip(
         *(jax_leaves(p.params[name]) for p in (init, pipeline))))
     assert moved("text_encoder") and moved("unet") and moved("vae")
-    # The refine stage started from the unet stage's weights and its own are the ones packaged.
-    assert json.loads((workdir / "refine" / "config.json").read_text())["model"]["pretrained"] == str(
-        workdir / "unet" / "export")
-    refined = sdjax.load_pipeline(workdir / "refine" / "export")
+    # Each U-Net cycle started from the previous one's weights, and the last one's are the ones packaged.
+    for stage, previous in (("refine", "unet"), ("balance", "refine")):
+        assert json.loads((workdir / stage / "config.json").read_text())["model"]["pretrained"] == str(
+            workdir / previous / "export")
+    assert json.loads((workdir / "balance" / "config.json").read_text())["diffusion"]["normalize_loss_mask"]
+    last = sdjax.load_pipeline(workdir / "balance" / "export")
     assert all(np.array_equal(a.astype(np.float16), b.astype(np.float16)) for a, b in zip(
-        jax_leaves(refined.params["unet"]), jax_leaves(pipeline.params["unet"])))
+        jax_leaves(last.params["unet"]), jax_leaves(pipeline.params["unet"])))
     # The decoder stage changed the decoder only: the encoder (the latent space of the U-Net) is stage 1's.
     base, decoder = sdjax.load_pipeline(workdir / "base"), sdjax.load_pipeline(workdir / "decoder" / "export")
     for part in ("encoder", "quant_conv"):
