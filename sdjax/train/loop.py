@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import optax
-
 import numpy as np
+import optax
 
 from sdjax import distributed, parallel
 from sdjax.errors import ConfigError, InvalidArgumentError, NonFiniteLossError
