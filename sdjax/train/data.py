@@ -16,8 +16,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -209,16 +209,18 @@ class BatchIterator:
         self.source, self.batch_size, self.seed, self.random_flip = source, batch_size, seed, random_flip
         self.streams, self.owned = streams, tuple(range(streams) if owned is None else owned)
         self.cursors = {stream: (0, 0) for stream in self.owned}  # stream -> (epoch, position within the stream)
-        self._plan: tuple[int, np.ndarray, np.ndarray] | None = None
+        self._plans: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def epoch_plan(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(order, flips) of an epoch: a permutation of the indices and one coin per position."""
-        if self._plan is None or self._plan[0] != epoch:
+        """(order, flips) of an epoch: a permutation of the indices and one coin per position. The last two epochs
+        are kept: streams of unequal length cross into the next epoch at different batches."""
+        if epoch not in self._plans:
             rng = np.random.default_rng([self.seed, epoch])
             order = rng.permutation(len(self.source))
             flips = rng.random(len(self.source)) < 0.5 if self.random_flip else np.zeros(len(self.source), bool)
-            self._plan = (epoch, order, flips)
-        return self._plan[1], self._plan[2]
+            self._plans = {e: plan for e, plan in self._plans.items() if e == epoch - 1}
+            self._plans[epoch] = (order, flips)
+        return self._plans[epoch]
 
     def state(self) -> dict[str, Any]:
         """This process's position: (epoch, position) with one stream, else [stream, epoch, position] rows of the

@@ -68,8 +68,8 @@ def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: 
     files = tensors.find_weight_files(folder, variant)
     state = with_base_prefix(tensors.read_weights(files), component.base_model_prefix)
     source = ", ".join(str(f) for f in files)
-    broken = [key for key, value in state.items() if check_finite and value.dtype.kind == "f"
-              and not np.isfinite(value).all()]
+    broken = [key for key, value in state.items() if check_finite and jnp.issubdtype(value.dtype, jnp.floating)
+              and not np.isfinite(value).all()]  # jnp's test counts bfloat16 as floating, numpy's does not
     if broken:
         raise WeightsError(f"{source}: {len(broken)} tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}; the "
                            f"file is damaged: copy or download it again")
