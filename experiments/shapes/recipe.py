@@ -213,7 +213,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="runs/shapes/package", help="the packaged model folder")
     parser.add_argument("--smoke", action="store_true", help="toy sizes: checks the recipe in about a minute")
     parser.add_argument("--until", choices=STAGES, default="package", help="stop after this stage")
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not read or write JAX's persistent compilation cache (see `sdjax train --help`)")
     args = parser.parse_args(argv)
+    if not args.no_compile_cache:  # a resumed recipe, and the stages sharing one train step, compile once
+        from sdjax import compile_cache
+        compile_cache.enable()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s", stream=sys.stdout)
     logging.getLogger("sdjax").setLevel(logging.INFO)
     started = time.perf_counter()

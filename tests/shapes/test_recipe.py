@@ -1,6 +1,7 @@
 """The one command that re-creates the embedded model, at toy sizes: every stage runs through sdjax's own
 trainer, the packaged folder loads and generates, and a rerun reuses what is already done."""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,8 +12,9 @@ import sdjax
 
 
 def recipe(workdir, out):
+    env = {**os.environ, "SDJAX_CACHE_DIR": str(workdir.parent / "compile_cache")}
     return subprocess.run([sys.executable, "-m", "experiments.shapes.recipe", "--smoke", "--workdir", str(workdir),
-                           "--out", str(out)], capture_output=True, text=True, timeout=900)
+                           "--out", str(out)], capture_output=True, text=True, timeout=900, env=env)
 
 
 @pytest.mark.slow
