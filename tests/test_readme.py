@@ -10,8 +10,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import FAST_COMPILE
-
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Lines of the quickstart that are the setup of the machine the tests run on, not things to try on it.
 SETUP_LINES = ("python -m pip install", "python -m pytest")
@@ -43,7 +41,7 @@ def workspace(sd1_folder, tmp_path_factory):
 def run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
     # two devices for the data-parallel example: on 8 virtual devices one image is padded to 8 on two cores
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}"}
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tests.conftest import FAST_COMPILE
 from tests.train.conftest import EXPERIMENT, REPO, run_training
 
 pytestmark = pytest.mark.slow
@@ -30,7 +29,7 @@ SETTINGS = ["checkpoint_every=2", "batch_size=8"]
 def launch(tiny_overrides, workdir, cache, *extra, flags=()) -> list[subprocess.CompletedProcess]:
     """`sdjax train --set EXTRA... FLAGS` in 2 processes with 2 CPU devices each, all waited for; the second
     launch reads the first one's compiled programs from the cache."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": FAST_COMPILE,
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": "",
            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     command = [sys.executable, "-m", "sdjax.train.cli", str(EXPERIMENT), "--workdir", str(workdir), "--mesh",
                "data=4", "--coordinator", f"localhost:{free_port()}", "--num-processes", "2", *flags,
