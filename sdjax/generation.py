@@ -53,8 +53,12 @@ class ProgramSpec:
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The pure apply functions the program calls; hashable so that jit can treat them as static."""
-    encode_text: Callable  # (params, ids (N, 77 * K), clip_skip) -> (N, 77 * K, D)
-    unet: Callable         # (params, x_vp, t, encoder_hidden_states, down_residuals, mid_residual) -> raw output
+    # (params, one side's ids, clip_skip) -> the U-Net's text keywords: encoder_hidden_states (N, 77 * K, D) from
+    # ids (N, 77 * K); for SDXL, from ids {text encoder name: (N, 77)}, also text_embeds (N, P) (sdjax.sdxl)
+    encode_text: Callable
+    # (params, x_vp, t, encoder_hidden_states, down_residuals, mid_residual, **added) -> raw output; added: SDXL's
+    # text_embeds and time_ids
+    unet: Callable
     decode: Callable       # (params, scaled latents) -> pixels in [-1, 1]
 
 
@@ -63,7 +67,9 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     latents. The flag exists because the uint8 conversion turns NaN into black without a trace.
 
     inputs: cond_ids, uncond_ids (N, 77 * K), with cond_weights, uncond_weights (N, K, 77) for emphasis
-    (`sdjax.prompt_syntax`); seeds (N,) uint32; guidance_scale, guidance_rescale (N,);
+    (`sdjax.prompt_syntax`); for SDXL instead cond_ids, uncond_ids {text encoder name: (N, 77)}, cond_time_ids,
+    uncond_time_ids (N, 6 or 5) and zero_uncond (N,) (`sdjax.sdxl`); seeds (N,) uint32; guidance_scale,
+    guidance_rescale (N,);
     sigmas (steps + 1,) and init_noise_sigma (), shared by all images; optionally noise (N, h, w, c) instead
     of noise drawn from each seed, and image_latents, mask (N, h, w, 1), masked_image_latents when the spec
     needs them; for ControlNets control_images (a tuple of (N, H, W, 3) in [0, 1]) and control_scales,
@@ -76,12 +82,12 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     sampler = get_sampler(spec.sampler)
 
     def unet_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
-                control_scales=None):
+                control_scales=None, **added):
         down, mid = (control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
                                        control_scales) if spec.controlnets else (None, None))
         if spec.inpaint == "channels":
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
-        return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid)
+        return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid, **added)
 
     model_fn = (denoisers.pin_timesteps(unet_fn, alphas_cumprod, inputs["model_timesteps"], spec.quantize_timesteps)
                 if spec.pinned_timesteps else unet_fn)
@@ -91,12 +97,19 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         image = jax.tree.map(lambda v: v[None], per_image)
         noise_key, sampler_key = jax.random.split(jax.random.key(per_image["seeds"]))
         noise = image["noise"] if "noise" in image else jax.random.normal(noise_key, (1, *spec.latent_shape))
-        def text(side):  # "cond" or "uncond": the prompt's embeddings, weighted when the syntax gave weights
-            embeddings = models.encode_text(params["text_encoder"], image[f"{side}_ids"], spec.clip_skip)
+        def text(side):  # "cond" or "uncond": the U-Net's text keywords for that half of guidance
+            conditioning = dict(models.encode_text(params, image[f"{side}_ids"], spec.clip_skip))
             weights = image.get(f"{side}_weights")
-            return embeddings if weights is None else emphasize(embeddings, weights)
+            if weights is not None:  # the a1111 syntax's emphasis
+                conditioning["encoder_hidden_states"] = emphasize(conditioning["encoder_hidden_states"], weights)
+            if side == "uncond" and "zero_uncond" in per_image:  # SDXL's force_zeros_for_empty_prompt
+                conditioning = jax.tree.map(lambda v: jnp.where(per_image["zero_uncond"], jnp.zeros_like(v), v),
+                                            conditioning)
+            if f"{side}_time_ids" in image:  # SDXL's sizes and crop corner (or aesthetic score)
+                conditioning["time_ids"] = image[f"{side}_time_ids"]
+            return conditioning
 
-        cond, uncond = {"encoder_hidden_states": text("cond")}, {"encoder_hidden_states": text("uncond")}
+        cond, uncond = text("cond"), text("uncond")
         if spec.inpaint == "channels":
             for side in (cond, uncond):
                 side.update(mask=image["mask"], masked_image_latents=image["masked_image_latents"])

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules
+from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules, sdxl
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
-from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
+from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION, TEXT_ENCODERS
 from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
 from sdjax.tokenizer import clip_tokenizer_class, save_tokenizer
@@ -35,24 +35,36 @@ _PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jn
 class Pipeline:
     """Stable Diffusion components with pure, jit-compiled entry points.
 
-    `configs` and `params` map each component of the family (`components.STABLE_DIFFUSION`) to its config and
-    its Flax param tree; the modules hold no state.
+    `configs` and `params` map each component of the family (`components.STABLE_DIFFUSION`, `SDXL` or
+    `SDXL_REFINER`) to its config and its Flax param tree; the modules hold no state. `tokenizer` and
+    `tokenizer_2` belong to text_encoder and text_encoder_2 (the SDXL refiner has only the second);
+    `sdxl_settings` are an SDXL folder's model_index.json settings (defaults when omitted).
     With a `mesh` (axis "data"), generation splits the batch over its devices.
     """
 
     def __init__(self, configs: Mapping[str, Any], params: dict, tokenizer, scheduler_config: dict, *,
                  dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None,
-                 mesh: jax.sharding.Mesh | None = None, is_embedded: bool = False):
+                 mesh: jax.sharding.Mesh | None = None, is_embedded: bool = False, tokenizer_2=None,
+                 sdxl_settings: sdxl.SDXLSettings | None = None):
         self.configs = dict(configs)
+        self.raw_configs = raw_configs or {}
+        self.text_encoders = tuple(name for name in TEXT_ENCODERS if name in self.configs)
+        self.tokenizers = {name: tok for name, tok in zip(TEXT_ENCODERS, (tokenizer, tokenizer_2)) if name in configs}
+        missing = [TEXT_ENCODERS[name] for name, tok in self.tokenizers.items() if tok is None]
+        if missing:
+            raise InvalidArgumentError(f"{' and '.join(missing)} missing: each text encoder needs its tokenizer")
+        self.tokenizer = self.tokenizers[self.text_encoders[0]] if self.text_encoders else tokenizer
+        # SDXL (a text_encoder_2): a pooled embedding and time ids beside the text states (sdjax.sdxl)
+        self.sdxl_settings = (sdxl_settings or sdxl.SDXLSettings()) if "text_encoder_2" in self.configs else None
+        if self.sdxl_settings is not None:
+            sdxl.check_models(self.configs, self.raw_configs, self.sdxl_settings)
         # The embedded shapes model warns about prompt words it never learned (sdjax.embedded).
         self.is_embedded = is_embedded
         # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
         self.mesh = mesh
         self.params = jax.device_put(params, None if mesh is None else parallel.replicated(mesh))
-        self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
         self.dtype = dtype
-        self.raw_configs = raw_configs or {}
         self.attention = attention
         self.modules = {name: COMPONENTS[name].build(config, dtype, attention)
                         for name, config in self.configs.items()}
@@ -71,24 +83,31 @@ class Pipeline:
     # --- contract methods --------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int | None = None,
-                      prompt_syntax: str = "diffusers") -> jax.Array:
+                      prompt_syntax: str = "diffusers") -> jax.Array | tuple[jax.Array, jax.Array]:
         """Text embeddings (N, 77, D) for a list of prompts; `clip_skip=1` uses the penultimate layer.
         With prompt_syntax="a1111" (`sdjax.prompt_syntax`): emphasis weights applied, (N, 77 * K, D) for prompts
-        of up to K chunks of 75 tokens."""
+        of up to K chunks of 75 tokens.
+        SDXL: (prompt_embeds (N, 77, D), pooled_prompt_embeds (N, P)) as diffusers' StableDiffusionXLPipeline
+        encodes them (`sdxl.encode_text`; clip_skip counts from the penultimate layer)."""
         if isinstance(prompts, str):
             raise InvalidArgumentError("prompts must be a list of strings, got a single string; wrap it in [...]")
+        if self.sdxl_settings is not None:
+            self._check_sdxl_call(prompt_syntax=prompt_syntax)
+            conditioning = self._text_fn(self.params, self._sdxl_ids(prompts), clip_skip=clip_skip)
+            return conditioning["encoder_hidden_states"], conditioning["text_embeds"]
         if syntax.check_syntax(prompt_syntax) == "diffusers":
-            return self._text_fn(self.params["text_encoder"], self.tokenize(prompts), clip_skip=clip_skip)
+            return self._text_fn(self.params, self.tokenize(prompts), clip_skip=clip_skip)["encoder_hidden_states"]
         [(ids, weights)] = syntax.a1111_inputs(self.tokenizer, [prompts])
-        embeddings = self._text_fn(self.params["text_encoder"], jnp.asarray(ids), clip_skip=clip_skip)
+        embeddings = self._text_fn(self.params, jnp.asarray(ids), clip_skip=clip_skip)["encoder_hidden_states"]
         return syntax.emphasize(embeddings, jnp.asarray(weights))
 
-    def tokenize(self, prompts: Sequence[str]) -> jax.Array:
-        """Token ids (N, max_length), padded and truncated as diffusers' Stable Diffusion pipelines do;
-        a warning says how many tokens a too-long prompt lost."""
-        limit, pad = self.tokenizer.model_max_length, self.tokenizer.pad_token_id
+    def tokenize(self, prompts: Sequence[str], tokenizer=None) -> jax.Array:
+        """Token ids (N, max_length) from `tokenizer` (default: the first text encoder's), padded and truncated as
+        diffusers' Stable Diffusion pipelines do; a warning says how many tokens a too-long prompt lost."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        limit, pad = tokenizer.model_max_length, tokenizer.pad_token_id
         rows = []
-        for i, ids in enumerate(self.tokenizer(list(prompts))["input_ids"]):
+        for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]):
             if len(ids) > limit:
                 warnings.warn(f"prompt {i} has {len(ids)} tokens; the text encoder reads {limit}, so the last "
                               f"{len(ids) - limit} are dropped", stacklevel=3)
@@ -114,10 +133,18 @@ class Pipeline:
         pixels = self._decode_fn(self.params["vae"], jnp.asarray(latents))
         return np.asarray(generation.to_uint8(pixels))
 
-    def unet_output(self, latents, timesteps, embeddings) -> jax.Array:
-        """The U-Net's raw prediction (eps, v or x0 as the model was trained) for NHWC latents."""
+    def unet_output(self, latents, timesteps, embeddings, *, text_embeds=None, time_ids=None) -> jax.Array:
+        """The U-Net's raw prediction (eps, v or x0 as the model was trained) for NHWC latents. An SDXL U-Net also
+        takes text_embeds (N, P), the pooled prompt embedding, and time_ids (N, 6 or 5) (`sdjax.sdxl`)."""
+        added = {"text_embeds": text_embeds, "time_ids": time_ids}
+        given = [name for name, value in added.items() if value is not None]
+        if self.sdxl_settings is None and given:
+            raise InvalidArgumentError(f"{', '.join(given)}: only an SDXL U-Net takes them")
+        if self.sdxl_settings is not None and len(given) != len(added):
+            raise InvalidArgumentError("an SDXL U-Net needs text_embeds (N, P), the pooled prompt embedding, and "
+                                       "time_ids (N, 6 or 5): sizes and crop corner, or the refiner's score")
         return self._unet_fn(self.params["unet"], jnp.asarray(latents), jnp.asarray(timesteps),
-                             jnp.asarray(embeddings))
+                             jnp.asarray(embeddings), **{name: jnp.asarray(added[name]) for name in given})
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -144,7 +171,9 @@ class Pipeline:
                 width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
                 control: "Control | Sequence[Control] | None" = None, guess_mode: bool = False,
                 batch_invariant: bool = False, prompt_syntax: str = "diffusers",
-                edit: "Edit | None" = None) -> "Generation":
+                edit: "Edit | None" = None, original_size=None, crops_coords_top_left=None, target_size=None,
+                negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
+                aesthetic_score=None, negative_aesthetic_score=None) -> "Generation":
         """A text-to-image call, checked and ready to run (`Generation.run`), or to hand to your own `jax.pmap` /
         `jax.jit` as a pure function (`Generation.function`). Image i's noise comes from seeds[i] (default
         seed + i) alone (one prompt with several seeds gives one image per seed); `latents` (N, h, w, c) replaces
@@ -158,7 +187,20 @@ class Pipeline:
         batch_invariant: run images one after another, so that an image is bitwise the same in any batch
         (batched kernels may round differently at another batch size: up to ~1e-6, rarely one uint8 level).
         edit: start from an image, and repaint only inside a mask (`Edit`; `img2img` and `inpaint` say more).
+        SDXL only (diffusers' names; `sdjax.sdxl`): original_size, crops_coords_top_left, target_size as (height,
+        width) / (top, left), defaulting to the output size and (0, 0); the refiner's aesthetic_score (6.0) in place
+        of target_size; negative_* for the unconditional half of guidance, each defaulting to its positive value.
+        With no negative_prompt and the folder's force_zeros_for_empty_prompt, the unconditional text embeddings are
+        zeros.
         """
+        micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
+                     target_size=target_size, negative_original_size=negative_original_size,
+                     negative_crops_coords_top_left=negative_crops_coords_top_left,
+                     negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
+                     negative_aesthetic_score=negative_aesthetic_score)
+        sdxl.check_arguments(self.sdxl_settings, micro)
+        if self.sdxl_settings is not None:
+            self._check_sdxl_call(control, edit, prompt_syntax)
         if guidance_scale is None:
             guidance_scale = embedded.GUIDANCE_SCALE if self.is_embedded else 7.5
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
@@ -175,6 +217,9 @@ class Pipeline:
         if self.is_embedded:
             embedded.warn_unknown_words(self.tokenizer.get_vocab(), request.prompts)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents, prompt_syntax)
+        if self.sdxl_settings is not None:
+            inputs.update(sdxl.conditioning_inputs(self.sdxl_settings, request.count, request.height, request.width,
+                                                   negative_prompt is not None, **micro))
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
         if edit is not None:
             images = broadcast_batch(pixels, request.count, "image")
@@ -264,8 +309,29 @@ class Pipeline:
         default = self.raw_configs.get("unet", {}).get("sample_size", 64) * factor
         return check_image_size(height or default, width or default, factor)
 
+    def _check_sdxl_call(self, control=None, edit: "Edit | None" = None, prompt_syntax: str = "diffusers") -> None:
+        """Refuse what sdjax's SDXL pipelines do not do yet, before anything runs."""
+        unsupported = []
+        if control is not None and (isinstance(control, Control) or len(control) > 0):
+            unsupported.append("ControlNet (control=)")
+        if edit is not None and edit.mask is not None:
+            unsupported.append("inpainting (a mask)")
+        if syntax.check_syntax(prompt_syntax) != "diffusers":
+            unsupported.append(f"prompt_syntax={prompt_syntax!r} (with two tokenizers)")
+        if unsupported:
+            raise InvalidArgumentError(f"{' and '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
+                                       f"supported with SDXL pipelines yet; txt2img and img2img are, with plain "
+                                       f"prompts (prompt_syntax='diffusers')")
+
+    def _sdxl_ids(self, prompts: Sequence[str]) -> dict:
+        """{text encoder name: ids (N, 77) from its own tokenizer} (SDXL's tokenizer_2 pads differently)."""
+        return {name: self.tokenize(prompts, self.tokenizers[name]) for name in self.text_encoders}
+
     def _text_inputs(self, request: "Request", prompt_syntax: str) -> dict:
-        """cond_ids, uncond_ids (N, 77 * K), and with the a1111 syntax cond_weights, uncond_weights (N, K, 77)."""
+        """cond_ids, uncond_ids (N, 77 * K), and with the a1111 syntax cond_weights, uncond_weights (N, K, 77);
+        for SDXL, cond_ids and uncond_ids are {text encoder name: (N, 77)}."""
+        if self.sdxl_settings is not None:
+            return {"cond_ids": self._sdxl_ids(request.prompts), "uncond_ids": self._sdxl_ids(request.negatives)}
         if syntax.check_syntax(prompt_syntax) == "diffusers":
             return {"cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives)}
         (cond, cond_weights), (uncond, uncond_weights) = syntax.a1111_inputs(
@@ -411,20 +477,31 @@ class Pipeline:
         for name, config in self.configs.items():
             diffusers_folder.write_component(folder, name, config, self.raw_configs.get(name), self.params[name],
                                              dtype=dtype)
-        save_tokenizer(self.tokenizer, folder / "tokenizer")
+        for name, tokenizer in self.tokenizers.items():
+            save_tokenizer(tokenizer, folder / TEXT_ENCODERS[name])
         scheduler_dir = folder / "scheduler"
         scheduler_dir.mkdir(exist_ok=True)
         diffusers_folder.write_json(scheduler_dir / "scheduler_config.json", self.scheduler_config)
-        diffusers_folder.write_model_index(folder, self.scheduler_config.get("_class_name", "PNDMScheduler"))
+        scheduler_class = self.scheduler_config.get("_class_name", "PNDMScheduler")
+        if self.sdxl_settings is None:
+            diffusers_folder.write_model_index(folder, scheduler_class)
+            return
+        family = tuple(self.configs)
+        diffusers_folder.write_model_index(folder, scheduler_class, self.sdxl_settings.pipeline_class, family=family,
+                                           settings=self.sdxl_settings.model_index_entries(family))
 
     # --- pure functions behind the jit ---------------------------------------------------------------------
 
-    def _encode_tokens(self, params, ids, clip_skip):
-        """(N, 77 * K) ids -> (N, 77 * K, D): each chunk of 77 encoded on its own (K = 1 for plain prompts)."""
+    def _encode_tokens(self, params, ids, clip_skip) -> dict:
+        """The U-Net's text keywords (`generation.Models.encode_text`). SD: (N, 77 * K) ids -> encoder_hidden_states
+        (N, 77 * K, D), each chunk of 77 encoded on its own (K = 1 for plain prompts); SDXL: `sdxl.encode_text`."""
+        if self.sdxl_settings is not None:
+            return sdxl.encode_text(self.modules, params, ids, clip_skip)
         rows, positions = ids.shape
         chunks = ids.reshape(-1, self.tokenizer.model_max_length)
-        embeds = self.modules["text_encoder"].apply({"params": params}, chunks, clip_skip=clip_skip).prompt_embeds
-        return embeds.reshape(rows, positions, embeds.shape[-1])
+        embeds = self.modules["text_encoder"].apply({"params": params["text_encoder"]}, chunks,
+                                                    clip_skip=clip_skip).prompt_embeds
+        return {"encoder_hidden_states": embeds.reshape(rows, positions, embeds.shape[-1])}
 
     def _encode_pixels(self, params, pixels, key):
         vae = self.modules["vae"]
@@ -436,9 +513,10 @@ class Pipeline:
         vae = self.modules["vae"]
         return vae.apply({"params": params}, unscale_latents(latents, self.configs["vae"]), method=vae.decode)
 
-    def _unet_apply(self, params, latents, timesteps, embeddings, down_residuals=None, mid_residual=None):
+    def _unet_apply(self, params, latents, timesteps, embeddings, down_residuals=None, mid_residual=None, **added):
+        """added: SDXL's text_embeds and time_ids."""
         return self.modules["unet"].apply({"params": params}, latents.astype(self.dtype), timesteps,
-                                          embeddings.astype(self.dtype), down_residuals, mid_residual)
+                                          embeddings.astype(self.dtype), down_residuals, mid_residual, **added)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -552,7 +630,8 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
                   variant: str | None = None, attention: str = "einsum", check_finite: bool = False) -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
-    model that ships inside sdjax (`sdjax.embedded`).
+    model that ships inside sdjax (`sdjax.embedded`). SD 1.x / 2.x, SDXL base and SDXL refiner folders are told
+    apart by the text encoders their model_index.json lists.
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
@@ -569,24 +648,34 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     if devices is not None and len(devices) == 0:
         raise InvalidArgumentError("devices=[] lists no device; pass None (the first device) or e.g. jax.devices()")
     folder = model_folder(path_or_hub_id, variant)
-    diffusers_folder.read_model_index(folder)
-    CLIPTokenizer = clip_tokenizer_class()
+    index = diffusers_folder.read_model_index(folder)
+    family = diffusers_folder.model_family(index)  # SD 1.x / 2.x, SDXL base or SDXL refiner
 
     loaded, raw, params = {}, {}, {}
-    for name in STABLE_DIFFUSION:
+    for name in family:
         loaded[name], raw[name] = diffusers_folder.read_config(folder / name, name)
+    settings = None
+    if family != STABLE_DIFFUSION:
+        settings = sdxl.SDXLSettings.from_model_index(index, str(folder / "model_index.json"))
+        sdxl.check_models(loaded, raw, settings)  # before reading gigabytes of weights
+    for name in family:
         params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant,
                                                     check_finite=check_finite)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
-    tokenizer_files = {path.name for path in (folder / "tokenizer").iterdir()}
-    if "tokenizer.json" not in tokenizer_files and not {"vocab.json", "merges.txt"} <= tokenizer_files:
-        raise MissingComponentError(f"{folder / 'tokenizer'} has neither tokenizer.json nor vocab.json with "
-                                    f"merges.txt: a CLIP tokenizer needs one of them (copy the model's tokenizer/ "
-                                    f"folder again)")
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizers = {name: load_tokenizer(folder / TEXT_ENCODERS[name]) for name in family if name in TEXT_ENCODERS}
     mesh = None if devices is None else parallel.make_mesh(devices=devices)
-    return Pipeline(loaded, params, tokenizer, scheduler_config, dtype=dtype,
-                    attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL)
+    return Pipeline(loaded, params, tokenizers.get("text_encoder"), scheduler_config, dtype=dtype,
+                    attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL,
+                    tokenizer_2=tokenizers.get("text_encoder_2"), sdxl_settings=settings)
+
+
+def load_tokenizer(folder: Path):
+    """The CLIP tokenizer saved in `folder` (a pipeline's tokenizer/ or tokenizer_2/)."""
+    files = {path.name for path in folder.iterdir()}
+    if "tokenizer.json" not in files and not {"vocab.json", "merges.txt"} <= files:
+        raise MissingComponentError(f"{folder} has neither tokenizer.json nor vocab.json with merges.txt: a CLIP "
+                                    f"tokenizer needs one of them (copy the model's {folder.name}/ folder again)")
+    return clip_tokenizer_class().from_pretrained(folder)
 
 
 def model_folder(path_or_hub_id: str | os.PathLike | None, variant: str | None = None) -> Path:

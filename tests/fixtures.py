@@ -99,3 +99,76 @@ def assert_images_match(ours, reference_unit):
 def nchw(array):
     """NHWC numpy -> NCHW float32 torch tensor."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(array, np.float32).transpose(0, 3, 1, 2)))
+
+
+# --- SDXL: base (two text encoders) and refiner (text_encoder_2 only, aesthetic score) ---------------------------
+
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler (the refiner's is the same).
+SDXL_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                      timestep_spacing="leading", prediction_type="epsilon")
+SDXL_TEXT_WIDTHS = {"text_encoder": 32, "text_encoder_2": 48}  # unequal, so a swapped concatenation shows
+SDXL_POOLED_WIDTH = 16  # text_encoder_2's projection_dim
+SDXL_TIME_EMBED = 8     # addition_time_embed_dim
+
+
+def build_sdxl_unet(encoders: tuple[str, ...], time_ids: int) -> UNet2DConditionModel:
+    """SDXL's U-Net layout, tiny: a plain first block, then cross-attention with two transformer layers; linear
+    projections; the text_time added embedding of the pooled prompt and `time_ids` micro-conditioning values
+    (6 for the base model, 5 for the refiner)."""
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, block_out_channels=BLOCKS, layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        norm_num_groups=16, cross_attention_dim=sum(SDXL_TEXT_WIDTHS[name] for name in encoders),
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=SDXL_POOLED_WIDTH + time_ids * SDXL_TIME_EMBED)
+    return perturb_(unet, seed=7 + time_ids)
+
+
+def build_text_encoder_2(tokenizer, seed: int = 4):
+    """OpenCLIP bigG's role, tiny: exact gelu, a projection head, and the legacy eos_token_id 2 of SDXL's
+    config (pooling at the largest token id)."""
+    from transformers import CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=SDXL_TEXT_WIDTHS["text_encoder_2"],
+                            intermediate_size=53, num_hidden_layers=3, num_attention_heads=4, hidden_act="gelu",
+                            projection_dim=SDXL_POOLED_WIDTH, bos_token_id=tokenizer.bos_token_id, eos_token_id=2,
+                            pad_token_id=tokenizer.pad_token_id)
+    return perturb_(CLIPTextModelWithProjection(config), seed=seed)
+
+
+def build_sdxl_vae() -> AutoencoderKL:
+    vae = build_vae()
+    vae.register_to_config(scaling_factor=0.13025, force_upcast=True)  # SDXL's VAE config
+    return vae
+
+
+def sdxl_tokenizers(folder):
+    """(tokenizer, tokenizer_2): the same vocabulary; the second pads with "!" as SDXL's tokenizer_2 does."""
+    from transformers import CLIPTokenizer
+    tokenizer = make_clip_tokenizer(folder)
+    return tokenizer, CLIPTokenizer.from_pretrained(folder, pad_token="!")
+
+
+def save_sdxl_folders(base_folder, refiner_folder):
+    """Write a tiny SDXL base folder (StableDiffusionXLPipeline) and a refiner folder (StableDiffusionXLImg2ImgPipeline:
+    text_encoder_2 only, requires_aesthetics_score, force_zeros_for_empty_prompt false, as the real refiner) and
+    return the two torch pipelines. The base keeps SDXL's Euler scheduler; the refiner has DPM-Solver++ made from
+    that config, as users swap schedulers, so that the tests cover a multistep scheduler without another model."""
+    from diffusers import (DPMSolverMultistepScheduler, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline)
+    tokenizer, tokenizer_2 = sdxl_tokenizers(base_folder.with_name(base_folder.name + "_tokenizer"))
+    text_encoder_2 = build_text_encoder_2(tokenizer_2)
+    base = StableDiffusionXLPipeline(
+        vae=build_sdxl_vae(), text_encoder=build_text_encoder(SD1, tokenizer), text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=build_sdxl_unet(("text_encoder", "text_encoder_2"), 6),
+        scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER), force_zeros_for_empty_prompt=True, add_watermarker=False)
+    base.save_pretrained(base_folder, safe_serialization=True)
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=build_text_encoder_2(tokenizer_2, seed=5), tokenizer=None,
+        tokenizer_2=tokenizer_2, unet=build_sdxl_unet(("text_encoder_2",), 5),
+        scheduler=DPMSolverMultistepScheduler.from_config(base.scheduler.config), requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False, add_watermarker=False)
+    refiner.save_pretrained(refiner_folder, safe_serialization=True)
+    return base, refiner

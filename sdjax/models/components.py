@@ -109,3 +109,9 @@ COMPONENTS: dict[str, Component] = {
 
 STABLE_DIFFUSION = ("unet", "vae", "text_encoder")
 """The networks of an SD 1.x / 2.x pipeline folder, each in its own sub-folder of that name."""
+SDXL = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""SDXL base (diffusers' StableDiffusionXLPipeline): two text encoders whose states are concatenated."""
+SDXL_REFINER = ("unet", "vae", "text_encoder_2")
+"""SDXL's refiner (StableDiffusionXLImg2ImgPipeline with text_encoder null): the second text encoder only."""
+TEXT_ENCODERS = {"text_encoder": "tokenizer", "text_encoder_2": "tokenizer_2"}
+"""Each text encoder entry and the folder of its tokenizer, in the order their states are concatenated."""

@@ -1,7 +1,8 @@
 """Diffusers-layout folders: read one into configs + Flax params, and write sdjax params back out.
 
 A folder holds model_index.json and one sub-folder per component (unet/, vae/, text_encoder/, tokenizer/,
-scheduler/). Components other than these (safety checker, feature extractor) are not needed and are skipped.
+scheduler/; SDXL adds text_encoder_2/ and tokenizer_2/, and its refiner lists only those two). Components other
+than these (safety checker, feature extractor, image encoder) are not needed and are skipped.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import ConfigError, MissingComponentError, WeightsError
-from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
+from sdjax.models.components import COMPONENTS, SDXL, SDXL_REFINER, STABLE_DIFFUSION, TEXT_ENCODERS
 from sdjax.weights import keymap, tensors
 
 
@@ -32,19 +33,34 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
-    """model_index.json, checked to list every component sdjax needs."""
+    """model_index.json, checked to list every component of its family (`model_family`) that sdjax needs."""
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise MissingComponentError(
             f"{folder} is not a diffusers pipeline folder: {index_path.name} is missing. Pass the folder that "
             f"holds model_index.json, unet/, vae/, text_encoder/, tokenizer/ and scheduler/.")
     index = read_json(index_path)
-    for name in (*STABLE_DIFFUSION, "tokenizer", "scheduler"):
-        if name not in index or not index[name] or index[name][0] is None:
+    family = model_family(index)
+    for name in (*family, *(TEXT_ENCODERS[n] for n in family if n in TEXT_ENCODERS), "scheduler"):
+        if not is_listed(index, name):
             raise MissingComponentError(f"{index_path}: component {name!r} is not listed; sdjax needs it")
         if not (folder / name).is_dir():
             raise MissingComponentError(f"{folder}: component folder {name}/ is missing (listed in {index_path.name})")
     return index
+
+
+def is_listed(index: dict[str, Any], name: str) -> bool:
+    """Whether model_index.json names a class for component `name` (diffusers writes [null, null] for none)."""
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def model_family(index: dict[str, Any]) -> tuple[str, ...]:
+    """The networks a pipeline folder holds, from its model_index.json: a text_encoder_2 makes it SDXL, the base
+    model with both text encoders or the refiner with the second alone; otherwise SD 1.x / 2.x."""
+    if not is_listed(index, "text_encoder_2"):
+        return STABLE_DIFFUSION
+    return SDXL if is_listed(index, "text_encoder") else SDXL_REFINER
 
 
 def read_config(folder: Path, name: str, *, hint: str = ""):
@@ -97,13 +113,21 @@ def write_component(folder: Path, name: str, config, raw_config: dict | None, pa
     tensors.write_safetensors(target / f"{component.weights_name}.safetensors", state, metadata={"format": "pt"})
 
 
-def write_model_index(folder: Path, scheduler_class: str, pipeline_class: str = "StableDiffusionPipeline"):
+SD_INDEX_SETTINGS = {"safety_checker": [None, None], "feature_extractor": [None, None],
+                     "requires_safety_checker": False}
+"""The entries of an SD 1.x / 2.x model_index.json besides its components: no safety checker."""
+
+
+def write_model_index(folder: Path, scheduler_class: str, pipeline_class: str = "StableDiffusionPipeline", *,
+                      family: tuple[str, ...] = STABLE_DIFFUSION, settings: dict[str, Any] | None = None):
+    """model_index.json listing the networks of `family`, their tokenizers and the scheduler, then `settings` (the
+    pipeline class's own keys and null components; SD_INDEX_SETTINGS by default)."""
     index = {"_class_name": pipeline_class,
-             **{name: [COMPONENTS[name].library, COMPONENTS[name].class_name] for name in STABLE_DIFFUSION},
-             "tokenizer": ["transformers", "CLIPTokenizer"],
+             **{name: [COMPONENTS[name].library, COMPONENTS[name].class_name] for name in family},
+             **{tokenizer: ["transformers", "CLIPTokenizer"] for name, tokenizer in TEXT_ENCODERS.items()
+                if name in family},
              "scheduler": ["diffusers", scheduler_class],
-             "safety_checker": [None, None], "feature_extractor": [None, None],
-             "requires_safety_checker": False}
+             **(SD_INDEX_SETTINGS if settings is None else settings)}
     write_json(folder / "model_index.json", index)
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from sdjax.errors import MissingComponentError, OfflineError
 
 # Only what sdjax reads: configs, tokenizer files and safetensors weights (no pickles, no other variants).
-_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*",
+_HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
                  "unet/diffusion_pytorch_model{v}.safetensors*", "vae/diffusion_pytorch_model{v}.safetensors*",
-                 "text_encoder/model{v}.safetensors*"]
+                 "text_encoder/model{v}.safetensors*", "text_encoder_2/model{v}.safetensors*"]  # _2: SDXL's
 
 
 def resolve(path_or_hub_id: str | os.PathLike, variant: str | None = None) -> Path:

@@ -1,0 +1,258 @@
+"""SDXL base and refiner against diffusers' StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline in torch,
+float32, on tiny random-weight folders of SDXL's architecture (tests/fixtures.py): the prompt encoding, the U-Net's
+added conditioning, whole generations from the same starting noise, the folder round trip, and the errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+from PIL import Image
+
+import sdjax
+from sdjax.errors import ConfigError, InvalidArgumentError
+from sdjax.sdxl import SDXLSettings
+from tests import fixtures
+from tests.fixtures import assert_images_match, nchw
+from tests.models import errors, nhwc, torch_state_dict
+
+PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, detailed oil painting"]
+NEGATIVE = ["blurry", "ugly"]
+SIZE = 32  # pixels; latents are 16x16 with the tiny VAE
+LATENT_TOLERANCE = 1e-4  # relative L2 of the final latents after a few sampler steps (measured ~3e-6)
+
+
+def assert_close(ours, reference, rel=1e-5):
+    error, max_abs = errors(ours, reference)
+    print(f"relative L2 {error:.2e}, max-abs {max_abs:.2e}")
+    assert error <= rel, f"relative L2 {error:.2e} (max-abs {max_abs:.2e}) exceeds {rel:.0e}"
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """{"base": (folder, torch StableDiffusionXLPipeline),
+    "refiner": (folder, torch StableDiffusionXLImg2ImgPipeline)}."""
+    root = tmp_path_factory.mktemp("sdxl")
+    base, refiner = fixtures.save_sdxl_folders(root / "base", root / "refiner")
+    return {"base": (root / "base", base), "refiner": (root / "refiner", refiner)}
+
+
+@pytest.fixture(scope="module")
+def base(folders):
+    """(sdjax Pipeline, torch StableDiffusionXLPipeline) of the tiny SDXL base model."""
+    folder, reference = folders["base"]
+    return sdjax.load_pipeline(folder), reference
+
+
+@pytest.fixture(scope="module")
+def refiner(folders):
+    folder, reference = folders["refiner"]
+    return sdjax.load_pipeline(folder), reference
+
+
+@pytest.fixture
+def encode_with_posterior_mean(monkeypatch):
+    """diffusers samples the VAE posterior for img2img; sdjax uses its mean. Make diffusers use the mean too."""
+    monkeypatch.setattr(pipeline_stable_diffusion_xl_img2img, "retrieve_latents",
+                        lambda encoder_output, generator=None, sample_mode="sample": encoder_output.latent_dist.mode())
+
+
+def torch_noise(shape_nhwc, seed):
+    n, h, w, c = shape_nhwc
+    return torch.randn((n, c, h, w), generator=torch.Generator().manual_seed(seed)).numpy().transpose(0, 2, 3, 1)
+
+
+def test_folders_load_as_their_family(base, refiner):
+    assert base[0].text_encoders == ("text_encoder", "text_encoder_2")
+    assert base[0].sdxl_settings == SDXLSettings("StableDiffusionXLPipeline", True, False)
+    assert refiner[0].text_encoders == ("text_encoder_2",)
+    assert refiner[0].sdxl_settings == SDXLSettings("StableDiffusionXLImg2ImgPipeline", False, True)
+    assert base[0].tokenizers["text_encoder_2"].pad_token == "!"  # the tokenizers pad differently
+
+
+@pytest.mark.parametrize("model", ["base", "refiner"])
+def test_encode_prompt_matches_diffusers(model, request):
+    pipeline, reference = request.getfixturevalue(model)
+    prompts = PROMPTS + [""]
+    for clip_skip in (None, 1):
+        embeds, pooled = pipeline.encode_prompt(prompts, clip_skip=clip_skip)
+        with torch.no_grad():
+            expected, _, expected_pooled, _ = reference.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                                                      clip_skip=clip_skip)
+        assert embeds.shape == expected.shape and pooled.shape == expected_pooled.shape
+        assert_close(embeds, expected.numpy())
+        assert_close(pooled, expected_pooled.numpy())
+
+
+def test_unet_with_added_conditioning_matches_diffusers(base):
+    pipeline, reference = base
+    rng = np.random.default_rng(1)
+    latents = rng.normal(size=(2, 8, 12, 4)).astype(np.float32)
+    timesteps = np.array([999, 17], np.int32)
+    embeddings = rng.normal(size=(2, 77, 80)).astype(np.float32)
+    text_embeds = rng.normal(size=(2, fixtures.SDXL_POOLED_WIDTH)).astype(np.float32)
+    time_ids = np.array([[1024, 768, 0, 0, 1024, 1024], [512, 640, 32, 16, 768, 768]], np.float32)
+    with torch.no_grad():
+        expected = reference.unet(nchw(latents), torch.from_numpy(timesteps), torch.from_numpy(embeddings),
+                                  added_cond_kwargs={"text_embeds": torch.from_numpy(text_embeds),
+                                                     "time_ids": torch.from_numpy(time_ids)}).sample
+    assert_close(pipeline.unet_output(latents, timesteps, embeddings, text_embeds=text_embeds, time_ids=time_ids),
+                 nhwc(expected))
+
+
+def run_both(pipeline, reference, *, latents, negative=None, **settings):
+    """(sdjax result, diffusers images in [0, 1], diffusers final latents) of a txt2img call of PROMPTS with the same
+    noise. sdjax runs them as one batch, diffusers one prompt at a time: with several, its StableDiffusionXLPipeline
+    gives negative time ids that differ from the positive ones to half of its batch only (it repeats the pair
+    [negative; positive] instead of each)."""
+    ours = pipeline.generate(PROMPTS, negative, steps=3, latents=latents, **settings)
+    negatives = negative if isinstance(negative, list) else [negative] * len(PROMPTS)
+    theirs = {"np": [], "latent": []}
+    for i, (prompt, negative_prompt) in enumerate(zip(PROMPTS, negatives)):
+        for kind, outputs in theirs.items():
+            outputs.append(reference(prompt, negative_prompt=negative_prompt, num_inference_steps=3,
+                                     latents=nchw(latents[i:i + 1]), height=SIZE, width=SIZE, output_type=kind,
+                                     **settings).images)
+    return ours, np.concatenate(theirs["np"]), nhwc(torch.cat(theirs["latent"]))
+
+
+def test_txt2img_matches_diffusers(folders):
+    """The folder's scheduler (SDXL's Euler, leading spacing), negative prompts, guidance, every size and crop
+    setting; then the force_zeros_for_empty_prompt rule, from the same compiled program. The batch is split over
+    two devices (conftest gives 8 CPU devices)."""
+    import jax
+    folder, reference = folders["base"]
+    pipeline = sdjax.load_pipeline(folder, devices=jax.devices()[:2])
+    noise = np.random.default_rng(0).normal(size=(2, 16, 16, 4)).astype(np.float32)
+    micro = dict(original_size=(64, 48), crops_coords_top_left=(4, 8), target_size=(40, 32),
+                 negative_original_size=(24, 32), negative_crops_coords_top_left=(2, 0), negative_target_size=(32, 32))
+    ours, images, latents = run_both(pipeline, reference, latents=noise, negative=NEGATIVE, guidance_scale=5.0,
+                                     **micro)
+    assert ours.settings["schedule"] == "EulerDiscreteScheduler"
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
+
+    by_rule = {}
+    for negative in (None, ""):  # None: zeros (force_zeros_for_empty_prompt); "": the empty prompt encoded
+        ours, images, latents = run_both(pipeline, reference, latents=noise, negative=negative, guidance_scale=5.0,
+                                         original_size=(64, 48))
+        assert ours.compile_seconds == 0
+        check_images(ours.images, images)
+        assert_close(ours.latents, latents, LATENT_TOLERANCE)
+        by_rule[negative] = ours.latents
+    assert errors(by_rule[None], by_rule[""])[0] > 1e-3  # the rule changes the images
+
+
+def check_images(ours, reference_unit):
+    difference = np.abs(ours.astype(np.float64) - np.round(np.asarray(reference_unit) * 255.0))
+    print(f"images: max {difference.max():.0f}/255, mean {difference.mean():.3f}/255")
+    assert_images_match(ours, reference_unit)
+
+
+def img2img_both(pipeline, reference, image, *, negative, seed, **settings):
+    """(sdjax images, diffusers images in [0, 1]) of one img2img call: the same image and starting noise."""
+    ours = pipeline.img2img(image, PROMPTS[1], negative, strength=0.6, steps=5, guidance_scale=5.0,
+                            noise=torch_noise((1, 16, 16, 4), seed), **settings)
+    theirs = reference(PROMPTS[1], image=Image.fromarray(image[0]), negative_prompt=negative, strength=0.6,
+                       num_inference_steps=5, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                       output_type="np", **settings).images
+    return ours.images, theirs
+
+
+def test_img2img_matches_diffusers(base, encode_with_posterior_mean):
+    pipeline, reference = base
+    image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    reference = StableDiffusionXLImg2ImgPipeline(**reference.components, add_watermarker=False)
+    ours, theirs = img2img_both(pipeline, reference, image,
+                                negative=NEGATIVE[0], seed=3, original_size=(96, 64), crops_coords_top_left=(2, 6))
+    check_images(ours, theirs)
+
+
+def test_refiner_img2img_matches_diffusers(refiner, encode_with_posterior_mean):
+    """Aesthetic scores in the time ids, text_encoder_2 alone, and no negative prompt: the refiner's folder says
+    force_zeros_for_empty_prompt false, so the empty prompt is encoded. Its scheduler config is DPM-Solver++'s."""
+    pipeline, reference = refiner
+    assert pipeline.sampling_plan(5).schedule == "DPMSolverMultistepScheduler"
+    image = np.random.default_rng(2).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    ours, theirs = img2img_both(pipeline, reference, image, negative=None, seed=4, aesthetic_score=7.0,
+                                negative_aesthetic_score=2.0, original_size=(48, 48))
+    check_images(ours, theirs)
+
+
+@pytest.mark.parametrize("model, pipeline_class", [("base", StableDiffusionXLPipeline),
+                                                    ("refiner", StableDiffusionXLImg2ImgPipeline)])
+def test_save_pretrained_round_trips_through_diffusers(model, pipeline_class, request, folders, tmp_path):
+    pipeline, reference = request.getfixturevalue(model)
+    pipeline.save_pretrained(tmp_path / "saved")
+    loaded = pipeline_class.from_pretrained(tmp_path / "saved")
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(loaded, name), getattr(reference, name)
+        if theirs is None:
+            assert ours is None
+            continue
+        expected = torch_state_dict(theirs)
+        assert {key: value.tobytes() for key, value in torch_state_dict(ours).items()} == {
+            key: value.tobytes() for key, value in expected.items()}, name
+    for key in ("force_zeros_for_empty_prompt", "requires_aesthetics_score"):
+        assert loaded.config.get(key) == reference.config.get(key), key
+    assert loaded.tokenizer_2.pad_token == "!"
+    again = sdjax.load_pipeline(tmp_path / "saved")
+    assert again.sdxl_settings == pipeline.sdxl_settings and again.text_encoders == pipeline.text_encoders
+
+
+def test_sdxl_arguments_are_refused_on_sd1(sd1_folder):
+    pipeline = sdjax.load_pipeline(sd1_folder[0])
+    for name, value in [("original_size", (64, 64)), ("negative_crops_coords_top_left", (0, 0)),
+                        ("aesthetic_score", 6.0)]:
+        with pytest.raises(InvalidArgumentError, match=f"{name} cannot be used here: this is an SD 1.x / 2.x"):
+            pipeline.generate("a cat", sampler="euler", **{name: value})
+    with pytest.raises(InvalidArgumentError, match="text_embeds, time_ids: only an SDXL U-Net takes them"):
+        pipeline.unet_output(np.zeros((1, 8, 8, 4)), [1], np.zeros((1, 77, 32)), text_embeds=np.zeros((1, 16)),
+                             time_ids=np.zeros((1, 6)))
+    assert pipeline._executables == {}
+
+
+def test_what_sdxl_does_not_support_is_refused_before_anything_runs(base, refiner):
+    pipeline, _ = base
+    compiled = len(pipeline._executables), len(refiner[0]._executables)
+    image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+    control = sdjax.Control(sdjax.ControlNet(config=None, params=None), image)
+    cases = [
+        (lambda: pipeline.inpaint(image, np.ones((1, SIZE, SIZE), np.uint8), "a cat"), r"inpainting \(a mask\)"),
+        (lambda: pipeline.generate("a cat", control=control), r"ControlNet \(control=\)"),
+        (lambda: pipeline.generate("a cat", prompt_syntax="a1111"), "prompt_syntax='a1111'"),
+        (lambda: pipeline.encode_prompt(["a cat"], prompt_syntax="a1111"), "prompt_syntax='a1111'"),
+        (lambda: pipeline.generate("a cat", aesthetic_score=6.0),
+         "aesthetic_score cannot be used here: only an SDXL model with requires_aesthetics_score"),
+        (lambda: refiner[0].img2img(image, "a cat", target_size=(32, 32)),
+         "target_size cannot be used here: this SDXL model .* takes an aesthetic score, not a target size"),
+        (lambda: pipeline.generate("a cat", original_size=(0, 64)),
+         r"original_size must be a pair \(height, width\) of positive numbers, got \(0, 64\)"),
+        (lambda: pipeline.generate("a cat", negative_crops_coords_top_left=(-1, 0)),
+         r"negative_crops_coords_top_left must be a pair \(top, left\) of numbers >= 0"),
+        (lambda: refiner[0].img2img(image, "a cat", negative_aesthetic_score=float("nan")),
+         "negative_aesthetic_score must be a finite number"),
+        (lambda: pipeline.generate("a cat", clip_skip=3), "clip_skip=3: .* an int from 0 to 2"),
+        (lambda: pipeline.unet_output(np.zeros((1, 8, 8, 4)), [1], np.zeros((1, 77, 80))),
+         "an SDXL U-Net needs text_embeds"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message):
+            call()
+    assert (len(pipeline._executables), len(refiner[0]._executables)) == compiled
+
+
+def test_a_model_index_that_contradicts_the_unet_is_refused(folders, tmp_path):
+    source = folders["base"][0]
+    target = tmp_path / "model"
+    target.mkdir()
+    for path in source.iterdir():
+        if path.name != "model_index.json":
+            (target / path.name).symlink_to(path)
+    index = json.loads((source / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, "requires_aesthetics_score": True}))
+    with pytest.raises(ConfigError, match="projection_class_embeddings_input_dim is 64, .* 5 time ids of 8 "
+                                          r"\(requires_aesthetics_score true\) make 56; 6 time ids would fit: set "
+                                          "requires_aesthetics_score to false"):
+        sdjax.load_pipeline(target)
