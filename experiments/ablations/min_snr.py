@@ -1,5 +1,5 @@
-"""Min-SNR-gamma loss weighting against uniform epsilon weighting (Hang et al., ICCV 2023: gamma = 5 converges
-markedly faster) on the shapes model: prompt adherence along training, 3 training seeds per arm.
+"""Min-SNR-gamma loss weighting against uniform weighting (Hang et al., ICCV 2023: gamma = 5 converges markedly
+faster) on the shapes model: prompt adherence along training, 3 training seeds per arm.
 
     python -m experiments.ablate experiments/ablations/min_snr.py
 
@@ -9,10 +9,10 @@ for 1500 steps of batch 32 (v-prediction, the only change between the arms is th
 back 64 held-out prompts every 500 steps with the EMA weights and with the raw ones (the fourth, cheap question:
 does the EMA help at a short budget?).
 
-The paper's main runs predict epsilon; it reports the speed-up for the noise, image and velocity targets alike. These
-arms predict v, as the shapes model does: with epsilon prediction on this model's schedule (linear betas, terminal sigma 157) a
-1500-step run stayed at chance for both arms' shared baseline (uniform, seed 0: background 11% against 12.5% chance,
-adherence 0% at steps 500, 1000, 1500), which measures the schedule, not the weighting.
+The paper's main runs predict epsilon; it reports the speed-up for the noise, image and velocity targets alike.
+These arms predict v, as the shapes model does: with epsilon prediction on this model's schedule (linear betas,
+terminal sigma 157) a 1500-step run of the uniform arm stayed at chance (seed 0: background 11% against 12.5%
+chance, adherence 0% at steps 500, 1000 and 1500), which would measure the schedule, not the weighting.
 """
 from pathlib import Path
 
