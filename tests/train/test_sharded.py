@@ -15,9 +15,8 @@ def one_device(tiny_overrides, compilation_cache, tmp_path_factory):
     return run_training(tiny_overrides, tmp_path_factory.mktemp("one") / "run", *SETTINGS)
 
 
-# (A pure data mesh is the multi-process test's: data=4 over 2 processes.)
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["data=2,fsdp=4"])
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
 def test_a_run_on_a_mesh_trains_the_params_of_one_device(mesh, one_device, tiny_overrides, tmp_path):
     sharded = run_training(tiny_overrides, tmp_path / "run", *SETTINGS, f"mesh={mesh}")
     ours, theirs = jax.tree.leaves(sharded.state.params), jax.tree.leaves(one_device.state.params)
