@@ -3,6 +3,7 @@ float32, on tiny random-weight folders of SDXL's architecture (tests/fixtures.py
 added conditioning, whole generations from the same starting noise, the folder round trip, and the errors."""
 import json
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -256,3 +257,14 @@ def test_a_model_index_that_contradicts_the_unet_is_refused(folders, tmp_path):
                                           r"\(requires_aesthetics_score true\) make 56; 6 time ids would fit: set "
                                           "requires_aesthetics_score to false"):
         sdjax.load_pipeline(target)
+
+
+def test_training_an_sdxl_unet_is_refused_with_what_works_instead(base, folders):
+    from sdjax.errors import ConfigError
+    from sdjax.train import load_config
+    from sdjax.train.task import build_task
+    from tests.train.conftest import EXPERIMENT
+
+    config = load_config(EXPERIMENT, [f"model.pretrained={folders['base'][0]}"])
+    with pytest.raises(ConfigError, match="is an SDXL model: .*stage=vae"):
+        build_task(config, base[0], jax.random.key(0))

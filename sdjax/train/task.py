@@ -115,6 +115,10 @@ def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
 def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
     """Assemble the run's Task; components given a new architecture are initialised from `key`."""
     model = config.model
+    if base.sdxl_settings is not None and config.stage != "vae":
+        raise ConfigError(f"model.pretrained={model.pretrained!r} is an SDXL model: `sdjax train` trains SD 1.x / 2.x "
+                          f"U-Nets and text encoders so far (SDXL's second text encoder and time ids are not in the "
+                          f"training loss yet); its VAE can be trained with stage=vae")
     arch, new = architectures(config, base), _new_architectures(config)
     params = {name: COMPONENTS[name].init(arch[name], jax.random.fold_in(key, i)) if new[name] else base.params[name]
               for i, name in enumerate(new)}
