@@ -16,7 +16,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, denoisers, parallel
+from sdjax import control, denoisers, lora, parallel
 from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
 from sdjax.prompt_syntax import emphasize
@@ -77,7 +77,10 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     A windowed spec also takes window_start, window_stop (int32) and window_resume (bool), and per image the
     sampler's `carry` to resume from (omitted: only its structure is traced); it returns that carry third, and
     decodes images only in the window that reaches the last step (zeros before).
+    params["loras"], when present, holds unmerged LoRA adapters (`sdjax.lora`), added to their layers first: once
+    per call, outside the sampler loop, with their scales as traced values.
     """
+    params = lora.apply(params)
     sigmas = inputs["sigmas"]
     sampler = get_sampler(spec.sampler)
 

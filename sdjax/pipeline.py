@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import embedded, generation, parallel, progress, prompt_syntax as syntax, schedules, sdxl
+from sdjax import embedded, generation, lora, parallel, progress, prompt_syntax as syntax, schedules, sdxl
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
@@ -77,8 +77,10 @@ class Pipeline:
             else scheduler_config)
         self._models = generation.Models(self._encode_tokens, self._unet_apply, self._decode_scaled)
         self._program = jax.jit(self._run_program, static_argnames="spec")
-        self._executables: dict = {}  # (spec, input shapes) -> compiled generation program
+        self._executables: dict = {}  # (spec, param and input shapes) -> compiled generation program
         self._carry_shapes: dict = {}  # the same keys -> the sampler carry of a windowed program
+        self._loras = lora.LoRAs()  # LoRA adapters: merged into self.params, or added inside the programs
+        self._apply_loras = jax.jit(lora.apply)
 
     # --- contract methods --------------------------------------------------------------------------------
 
@@ -91,14 +93,15 @@ class Pipeline:
         encodes them (`sdxl.encode_text`; clip_skip counts from the penultimate layer)."""
         if isinstance(prompts, str):
             raise InvalidArgumentError("prompts must be a list of strings, got a single string; wrap it in [...]")
+        params = self._params_with_loras()
         if self.sdxl_settings is not None:
             self._check_sdxl_call(prompt_syntax=prompt_syntax)
-            conditioning = self._text_fn(self.params, self._sdxl_ids(prompts), clip_skip=clip_skip)
+            conditioning = self._text_fn(params, self._sdxl_ids(prompts), clip_skip=clip_skip)
             return conditioning["encoder_hidden_states"], conditioning["text_embeds"]
         if syntax.check_syntax(prompt_syntax) == "diffusers":
-            return self._text_fn(self.params, self.tokenize(prompts), clip_skip=clip_skip)["encoder_hidden_states"]
+            return self._text_fn(params, self.tokenize(prompts), clip_skip=clip_skip)["encoder_hidden_states"]
         [(ids, weights)] = syntax.a1111_inputs(self.tokenizer, [prompts])
-        embeddings = self._text_fn(self.params, jnp.asarray(ids), clip_skip=clip_skip)["encoder_hidden_states"]
+        embeddings = self._text_fn(params, jnp.asarray(ids), clip_skip=clip_skip)["encoder_hidden_states"]
         return syntax.emphasize(embeddings, jnp.asarray(weights))
 
     def tokenize(self, prompts: Sequence[str], tokenizer=None) -> jax.Array:
@@ -143,8 +146,55 @@ class Pipeline:
         if self.sdxl_settings is not None and len(given) != len(added):
             raise InvalidArgumentError("an SDXL U-Net needs text_embeds (N, P), the pooled prompt embedding, and "
                                        "time_ids (N, 6 or 5): sizes and crop corner, or the refiner's score")
-        return self._unet_fn(self.params["unet"], jnp.asarray(latents), jnp.asarray(timesteps),
+        return self._unet_fn(self._params_with_loras()["unet"], jnp.asarray(latents), jnp.asarray(timesteps),
                              jnp.asarray(embeddings), **{name: jnp.asarray(added[name]) for name in given})
+
+    # --- LoRA adapters (sdjax.lora) --------------------------------------------------------------------------
+
+    def load_lora(self, source, scale: float = 1.0, *, name: str | None = None, merge: bool = False,
+                  strict: bool = True) -> str:
+        """Load a LoRA for the U-Net and text encoder(s) and return its name (default: the file's stem).
+
+        source: a diffusers/PEFT or kohya .safetensors file (.bin/.pt with torch), a folder holding diffusers'
+        pytorch_lora_weights.safetensors, or a state dict. Each layer becomes W + scale * (alpha / r) * up @ down.
+        Unmerged (the default), the factors and the scale go into the generation program, which adds the update
+        before sampling: `set_lora_scale` or a call's `lora_scales=` never recompile, and several adapters stack.
+        merge=True adds it to the stored params once (`unfuse_lora` / `unload_lora` restore them exactly).
+        Keys that match no layer are an error naming them (strict=False: a warning, and the rest is loaded)."""
+        adapter = lora.load_adapter(source, self._loras.original(self.params), name=self._loras.new_name(name, source),
+                                    scale=scale, merged=merge, strict=strict,
+                                    sharding=None if self.mesh is None else parallel.replicated(self.mesh))
+        self.params = self._loras.replace(self.params, {**self._loras.adapters, adapter.name: adapter})
+        return adapter.name
+
+    def set_lora_scale(self, name: str, scale: float) -> None:
+        """Change a loaded LoRA's scale (a merged one is merged again from the original weights)."""
+        self.params = self._loras.update(self.params, name, scale=lora.check_scale(scale, name))
+
+    def fuse_lora(self, name: str | None = None) -> None:
+        """Merge LoRA `name` (all for None) into the stored params at its scale."""
+        self.params = self._loras.update(self.params, name, merged=True)
+
+    def unfuse_lora(self, name: str | None = None) -> None:
+        """Take LoRA `name` (all for None) out of the stored params; it stays loaded, unmerged."""
+        self.params = self._loras.update(self.params, name, merged=False)
+
+    def unload_lora(self, name: str | None = None) -> None:
+        """Remove LoRA `name` (all for None); with none left, the params are the originals, bitwise."""
+        names = self._loras.names(name)
+        self.params = self._loras.replace(self.params, {n: a for n, a in self._loras.adapters.items()
+                                                        if n not in names})
+
+    @property
+    def loras(self) -> dict[str, lora.Adapter]:
+        """The loaded LoRAs by name, in load order: source, scale, merged, layers."""
+        return dict(self._loras.adapters)
+
+    def _params_with_loras(self) -> dict:
+        """The params with the unmerged LoRAs added, as the generation program adds them (for the component
+        methods)."""
+        unmerged = self._loras.unmerged()
+        return self._apply_loras({**self.params, **unmerged}) if unmerged else self.params
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -173,7 +223,8 @@ class Pipeline:
                 batch_invariant: bool = False, prompt_syntax: str = "diffusers",
                 edit: "Edit | None" = None, original_size=None, crops_coords_top_left=None, target_size=None,
                 negative_original_size=None, negative_crops_coords_top_left=None, negative_target_size=None,
-                aesthetic_score=None, negative_aesthetic_score=None) -> "Generation":
+                aesthetic_score=None, negative_aesthetic_score=None,
+                lora_scales: Mapping[str, float] | None = None) -> "Generation":
         """A text-to-image call, checked and ready to run (`Generation.run`), or to hand to your own `jax.pmap` /
         `jax.jit` as a pure function (`Generation.function`). Image i's noise comes from seeds[i] (default
         seed + i) alone (one prompt with several seeds gives one image per seed); `latents` (N, h, w, c) replaces
@@ -192,6 +243,7 @@ class Pipeline:
         of target_size; negative_* for the unconditional half of guidance, each defaulting to its positive value.
         With no negative_prompt and the folder's force_zeros_for_empty_prompt, the unconditional text embeddings are
         zeros.
+        lora_scales: {name: scale} for this call, for unmerged LoRAs (`load_lora`); the others keep their own scales.
         """
         micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
                      target_size=target_size, negative_original_size=negative_original_size,
@@ -237,7 +289,8 @@ class Pipeline:
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
             pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec)
-        return Generation(self, request, plan, {**self.params, **control_params}, inputs, program)
+        params = {**self.params, **self._loras.unmerged(lora_scales), **control_params}
+        return Generation(self, request, plan, params, inputs, program)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
                 noise=None, **settings) -> "GenerationResult":
@@ -428,7 +481,7 @@ class Pipeline:
         step = lambda k: place({"window_start": jnp.int32(k), "window_stop": jnp.int32(k + 1),
                                 "window_resume": jnp.bool_(k > 0)})
         inputs = {**inputs, **step(0)}
-        key = self._program_key(inputs, spec)
+        key = self._program_key(params, inputs, spec)
         if key not in self._carry_shapes:  # the sampler's carry, found by tracing without compiling
             self._carry_shapes[key] = jax.eval_shape(functools.partial(self._run_program, spec=spec),
                                                      params, inputs)[2]
@@ -452,8 +505,8 @@ class Pipeline:
 
     def _compiled(self, params: dict, inputs: dict, spec):
         """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
-        it was compiled before). Values never enter the key: new prompts, seeds or guidance reuse it."""
-        key = self._program_key(inputs, spec)
+        it was compiled before). Values never enter the key: new prompts, seeds, guidance or LoRA scales reuse it."""
+        key = self._program_key(params, inputs, spec)
         if key in self._executables:
             return self._executables[key], 0.0
         log.info("compiling the %s program for %d image(s)", spec.sampler, len(inputs["seeds"]))
@@ -463,8 +516,8 @@ class Pipeline:
         return executable, time.perf_counter() - started
 
     @staticmethod
-    def _program_key(inputs: dict, spec) -> tuple:
-        leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    def _program_key(params: dict, inputs: dict, spec) -> tuple:
+        leaves, treedef = jax.tree_util.tree_flatten((params, inputs))  # params: unmerged LoRAs change their tree
         return (spec, treedef, tuple((leaf.shape, leaf.dtype) for leaf in leaves))
 
     def _run_program(self, params, inputs, spec):
@@ -549,7 +602,7 @@ class Generation:
     pipeline: Pipeline
     request: Request
     plan: SamplingPlan
-    params: dict  # the pipeline's params, with the call's ControlNets' under "controlnets"
+    params: dict  # the pipeline's params, the call's ControlNets' under "controlnets", unmerged LoRAs under "loras"
     inputs: dict  # per-image arrays (leading batch axis) and the shared ones (generation.SHARED_INPUTS)
     spec: generation.ProgramSpec
 

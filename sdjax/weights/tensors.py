@@ -32,21 +32,36 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of a .safetensors file as numpy arrays (copied out of a read-only memory map)."""
     path = Path(path)
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise WeightsError(f"{path}: not a safetensors file ({size} bytes; the file is truncated or empty)")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if 8 + header_len > size:
-            raise WeightsError(f"{path}: truncated safetensors file (header says {header_len} bytes, "
-                               f"the file has {size}); download or copy it again")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise WeightsError(f"{path}: corrupt safetensors header ({err})") from err
+        header, size = _header(f, path)
         header.pop("__metadata__", None)
-        data_start = 8 + header_len
+        data_start = f.tell()
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
             return {name: _tensor(path, name, info, buffer, data_start, size) for name, info in header.items()}
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string-to-string `__metadata__` of a .safetensors file's header ({} when it has none)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return dict(_header(f, path)[0].get("__metadata__") or {})
+
+
+def _header(f, path: Path) -> tuple[dict, int]:
+    """(the JSON header, the file size) of an open safetensors file, left positioned at the first tensor byte."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise WeightsError(f"{path}: not a safetensors file ({size} bytes; the file is truncated or empty)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if 8 + header_len > size:
+        raise WeightsError(f"{path}: truncated safetensors file (header says {header_len} bytes, "
+                           f"the file has {size}); download or copy it again")
+    try:
+        header = json.loads(f.read(header_len))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise WeightsError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: corrupt safetensors header (not a JSON object)")
+    return header, size
 
 
 def _tensor(path, name, info, buffer, data_start, size) -> np.ndarray:
