@@ -1,0 +1,119 @@
+"""The kernels a U-Net call is made of, sdjax (XLA:CPU) beside torch on the same CPU, interleaved in one run:
+attention at the 64x64-latent level of SD 1.5 (4096 tokens, 8 heads x 40), a 2048^3 matmul and a 3x3 convolution
+of 320 channels at 64x64 — each in float32 and bfloat16, reported as GFLOP/s (median over repetitions).
+
+    python -m experiments.perf.kernels [--reps 5] [--out experiments/perf/results/kernels.md]
+
+XLA:CPU options are process-wide: run it again with XLA_FLAGS=... to compare them (the flags are recorded).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+BATCH, TOKENS, HEADS, HEAD_DIM = 2, 4096, 8, 40  # classifier-free guidance doubles SD 1.5's batch of one
+
+
+def cpu_model() -> str:
+    """lscpu's model name, family and model, and the flags that decide bf16 speed (virtual machines often show
+    only a generic name such as "AMD EPYC")."""
+    try:
+        lines = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown"
+    fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+    units = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in fields.get("Flags", "").split()]
+    return (f"{fields.get('Model name', 'unknown')} (family {fields.get('CPU family', '?')}, model "
+            f"{fields.get('Model', '?')}; {', '.join(units) or 'no AVX-512/AMX'})")
+
+
+def cases(dtype_name: str):
+    """{name: (sdjax callable, torch callable, flops)} with inputs bound."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from sdjax.models.attention import IMPLEMENTATIONS, attention
+
+    rng = np.random.default_rng(0)
+    jdtype, tdtype = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}[dtype_name]
+    draw = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    q, k, v = (draw(BATCH, TOKENS, HEADS, HEAD_DIM) for _ in range(3))
+    a = draw(2048, 2048)
+    x, w = draw(BATCH, 64, 64, 320), draw(3, 3, 320, 320) * 0.05
+    j = lambda value: jnp.asarray(value, jdtype)  # noqa: E731
+    t = lambda value: torch.from_numpy(np.ascontiguousarray(value)).to(tdtype)  # noqa: E731
+    tq, tk, tv = (t(m.transpose(0, 2, 1, 3)) for m in (q, k, v))  # torch's (batch, heads, tokens, dim)
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    bound = lambda fn, *args: (lambda: jax.block_until_ready(fn(*args)))  # noqa: E731
+    result = {}
+    attention_flops = 4 * BATCH * HEADS * TOKENS * TOKENS * HEAD_DIM
+    torch_attention = lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)  # noqa: E731
+    for implementation in IMPLEMENTATIONS:
+        fn = jax.jit(lambda q, k, v, impl=implementation: attention(q, k, v, implementation=impl))
+        result[f"attention ({implementation})"] = (bound(fn, j(q), j(k), j(v)), torch_attention, attention_flops)
+    ta, tx, tw = t(a), t(x.transpose(0, 3, 1, 2)), t(w.transpose(3, 2, 0, 1))
+    result["matmul 2048^3"] = (bound(jax.jit(jnp.matmul), j(a), j(a)), lambda: ta @ ta, 2 * 2048 ** 3)
+    result["conv 3x3, 320 ch, 64x64"] = (bound(jax.jit(conv), j(x), j(w)),
+                                         lambda: torch.nn.functional.conv2d(tx, tw, padding=1),
+                                         2 * BATCH * 64 * 64 * 9 * 320 * 320)
+    return result
+
+
+def measure(reps: int) -> list[dict]:
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for dtype_name in ("float32", "bfloat16"):
+            for name, (ours, theirs, flops) in cases(dtype_name).items():
+                ours(), theirs()  # compile / warm up
+                times = {"sdjax": [], "torch": []}
+                for _ in range(reps):  # interleaved, so that the machine's noise hits both alike
+                    for side, fn in (("sdjax", ours), ("torch", theirs)):
+                        started = time.perf_counter()
+                        fn()
+                        times[side].append(time.perf_counter() - started)
+                medians = {side: float(np.median(values)) for side, values in times.items()}
+                rows.append({"kernel": name, "dtype": dtype_name, "flops": flops, **medians})
+                print(f"{name:28s} {dtype_name:8s} sdjax {flops / medians['sdjax'] / 1e9:6.1f} GFLOP/s   "
+                      f"torch {flops / medians['torch'] / 1e9:6.1f} GFLOP/s", flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], reps: int) -> str:
+    import jax
+    import torch
+
+    lines = [f"CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
+             f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+             f"median of {reps}, interleaved.\n",
+             "| kernel | dtype | sdjax GFLOP/s | torch GFLOP/s | sdjax / torch time |", "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['kernel']} | {row['dtype']} | {row['flops'] / row['sdjax'] / 1e9:.1f} | "
+                     f"{row['flops'] / row['torch'] / 1e9:.1f} | {row['sdjax'] / row['torch']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    table = markdown(measure(args.reps), args.reps)
+    print(table)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
