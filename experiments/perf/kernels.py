@@ -28,7 +28,8 @@ def cpu_model() -> str:
     except (OSError, subprocess.CalledProcessError):
         return platform.processor() or "unknown"
     fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
-    units = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in fields.get("Flags", "").split()]
+    flags = fields.get("Flags", "").split()
+    units = [flag for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if flag in flags]
     return (f"{fields.get('Model name', 'unknown')} (family {fields.get('CPU family', '?')}, model "
             f"{fields.get('Model', '?')}; {', '.join(units) or 'no AVX-512/AMX'})")
 
