@@ -35,7 +35,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "init", "vae", "base", "unet", "refine", "balance", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
-SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"]}
+SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"],
+         # Smaller networks of the same kinds: the plumbing is the same and they compile in half the time.
+         "model": {"unet": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8},
+                   "text_encoder": {"num_hidden_layers": 1}}}
 
 log = logging.getLogger("sdjax.shapes")
 
@@ -58,20 +62,22 @@ def captions(data: Path) -> list[str]:
     return [json.loads(line)["text"] for line in (data / "metadata.jsonl").read_text().splitlines() if line]
 
 
-def write_init_folder(folder: Path, data: Path, seed: int) -> None:
-    """Tokenizer learned from the captions, and freshly initialised components, as a diffusers folder."""
+def write_init_folder(folder: Path, data: Path, seed: int, changes: dict | None = None) -> None:
+    """Tokenizer learned from the captions, and freshly initialised components, as a diffusers folder; `changes`
+    ({component: {key: value}}) edits model/*.json."""
     import jax
 
     from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION
     from sdjax.pipeline import Pipeline
     from sdjax.tokenizer import learn_bpe, write_clip_tokenizer
 
-    text_raw = _json(HERE / "model" / "text_encoder.json")
+    changes = changes or {}
+    text_raw = {**_json(HERE / "model" / "text_encoder.json"), **changes.get("text_encoder", {})}
     tokenizer = write_clip_tokenizer(folder / "tokenizer", learn_bpe(captions(data)),
                                      model_max_length=text_raw["max_position_embeddings"])
     text_raw["vocab_size"] = len(tokenizer)
-    raw = {"unet": _json(HERE / "model" / "unet.json"), "vae": _json(HERE / "model" / "vae.json"),
-           "text_encoder": text_raw}
+    raw = {name: {**_json(HERE / "model" / f"{name}.json"), **changes.get(name, {})} for name in ("unet", "vae")}
+    raw["text_encoder"] = text_raw
     configs = {name: COMPONENTS[name].config_class.from_dict(raw[name]) for name in STABLE_DIFFUSION}
     key = jax.random.key(seed)
     params = {name: COMPONENTS[name].init(configs[name], jax.random.fold_in(key, i))
@@ -174,7 +180,8 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
     write_loss_masks(write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED))
     if "init" in stages and not init_dir.is_dir():
         log.info("init: tokenizer and fresh weights in %s", init_dir)
-        _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED), init_dir)
+        _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED, SMOKE["model"] if smoke else None),
+                     init_dir)
     if "vae" in stages:
         log.info("vae: training in %s", workdir / "vae")
         vae_export = train_stage(HERE / "train_vae.py", workdir / "vae", with_data(init_dir))
