@@ -145,6 +145,26 @@ def test_txt2img_matches_diffusers(folders):
     assert errors(by_rule[None], by_rule[""])[0] > 1e-3  # the rule changes the images
 
 
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "UniPCMultistepScheduler"])
+def test_txt2img_follows_other_scheduler_configs_like_diffusers(folders, scheduler, tmp_path):
+    """Two more scheduler configs made from SDXL's (Euler and, through the refiner, DPM-Solver++ are above)."""
+    import shutil
+
+    import diffusers
+    folder, reference = folders["base"]
+    # clip_sample is DDIM's default but off in SD's own DDIM configs; sdjax refuses it (tests/test_scheduler_config.py)
+    config = getattr(diffusers, scheduler).from_config(reference.scheduler.config, clip_sample=False)
+    shutil.copytree(folder, tmp_path / "model")
+    config.save_config(tmp_path / "model" / "scheduler")
+    pipeline = sdjax.load_pipeline(tmp_path / "model")
+    swapped = StableDiffusionXLPipeline(**{**reference.components, "scheduler": config})
+    noise = np.random.default_rng(2).normal(size=(2, 16, 16, 4)).astype(np.float32)
+    ours, images, latents = run_both(pipeline, swapped, latents=noise, negative=NEGATIVE, guidance_scale=5.0)
+    assert ours.settings["schedule"] == scheduler
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
+
+
 def check_images(ours, reference_unit):
     difference = np.abs(ours.astype(np.float64) - np.round(np.asarray(reference_unit) * 255.0))
     print(f"images: max {difference.max():.0f}/255, mean {difference.mean():.3f}/255")
