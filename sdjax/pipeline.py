@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import embedded, generation, lora, parallel, progress, prompt_syntax as syntax, schedules, sdxl
+from sdjax import (embedded, generation, lora, parallel, progress, prompt_syntax as syntax, schedules, sdxl,
+                   textual_inversion)
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
@@ -100,7 +101,7 @@ class Pipeline:
             return conditioning["encoder_hidden_states"], conditioning["text_embeds"]
         if syntax.check_syntax(prompt_syntax) == "diffusers":
             return self._text_fn(params, self.tokenize(prompts), clip_skip=clip_skip)["encoder_hidden_states"]
-        [(ids, weights)] = syntax.a1111_inputs(self.tokenizer, [prompts])
+        [(ids, weights)] = syntax.a1111_inputs(self.tokenizer, [self._expand_prompts(prompts)])
         embeddings = self._text_fn(params, jnp.asarray(ids), clip_skip=clip_skip)["encoder_hidden_states"]
         return syntax.emphasize(embeddings, jnp.asarray(weights))
 
@@ -110,7 +111,7 @@ class Pipeline:
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
         limit, pad = tokenizer.model_max_length, tokenizer.pad_token_id
         rows = []
-        for i, ids in enumerate(tokenizer(list(prompts))["input_ids"]):
+        for i, ids in enumerate(tokenizer(self._expand_prompts(prompts, tokenizer))["input_ids"]):
             if len(ids) > limit:
                 warnings.warn(f"prompt {i} has {len(ids)} tokens; the text encoder reads {limit}, so the last "
                               f"{len(ids) - limit} are dropped", stacklevel=3)
@@ -195,6 +196,49 @@ class Pipeline:
         methods)."""
         unmerged = self._loras.unmerged()
         return self._apply_loras({**self.params, **unmerged}) if unmerged else self.params
+
+    # --- textual inversion (sdjax.textual_inversion) --------------------------------------------------------
+
+    def load_textual_inversion(self, source, token: str | None = None) -> str:
+        """Add a textual-inversion embedding as a new prompt token and return the token, as diffusers'
+        `load_textual_inversion`. source: a diffusers learned_embeds.safetensors/.bin (or its folder), an A1111
+        .pt (needs torch) or .safetensors (`string_to_param` / `emb_params`), an SDXL file (`clip_l`, `clip_g`), or
+        a state dict. token: default the file's own (its key or `name`, else the file's stem). The token goes
+        into the tokenizer(s) and the text encoder's token embedding grows by the vectors; an embedding of n
+        vectors adds tok, tok_1, ..., tok_{n-1}, and a prompt's `tok` stands for all of them."""
+        if self._loras.adapters:
+            raise InvalidArgumentError(f"load_textual_inversion changes the text encoder's params; unload_lora() "
+                                       f"({', '.join(self._loras.adapters)}) first and load the LoRAs again after")
+        embedding = textual_inversion.read_embedding(source, token)
+        widths = {name: self.configs[name].hidden_size for name in self.text_encoders}
+        assigned = textual_inversion.assign(embedding, widths)
+        for name in assigned:  # every check before any change
+            textual_inversion.check_new_token(self.tokenizers[name], embedding.token, TEXT_ENCODERS[name])
+        for name, rows in assigned.items():
+            self._add_tokens(name, textual_inversion.token_names(embedding.token, len(rows)), rows)
+        return embedding.token
+
+    def _add_tokens(self, name: str, tokens: list[str], rows: np.ndarray) -> None:
+        """Add `tokens` to text encoder `name`'s tokenizer and their vectors `rows` to its token embedding (sized,
+        as diffusers sizes it, to the tokenizer's length plus the new tokens)."""
+        tokenizer = self.tokenizers[name]
+        size = len(tokenizer) + len(tokens)
+        tokenizer.add_tokens(tokens)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        *path, leaf = textual_inversion.TOKEN_EMBEDDING
+        params = jax.tree.map(lambda x: x, self.params[name])  # new containers, the same arrays
+        holder = functools.reduce(lambda tree, key: tree[key], path, params)
+        holder[leaf] = jax.device_put(textual_inversion.grown_table(holder[leaf], rows, ids, size),
+                                      None if self.mesh is None else parallel.replicated(self.mesh))
+        self.params = {**self.params, name: params}
+        self.configs[name] = dataclasses.replace(self.configs[name], vocab_size=size)
+        if name in self.raw_configs:
+            self.raw_configs[name] = {**self.raw_configs[name], "vocab_size": size}
+        self.modules[name] = COMPONENTS[name].build(self.configs[name], self.dtype, self.attention)
+
+    def _expand_prompts(self, prompts: Sequence[str], tokenizer=None) -> list[str]:
+        """The prompts with multi-vector textual-inversion tokens written out (`textual_inversion.expand_prompts`)."""
+        return textual_inversion.expand_prompts(prompts, self.tokenizer if tokenizer is None else tokenizer)
 
     # --- generation ----------------------------------------------------------------------------------------
 
@@ -388,7 +432,7 @@ class Pipeline:
         if syntax.check_syntax(prompt_syntax) == "diffusers":
             return {"cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives)}
         (cond, cond_weights), (uncond, uncond_weights) = syntax.a1111_inputs(
-            self.tokenizer, [request.prompts, request.negatives])
+            self.tokenizer, [self._expand_prompts(request.prompts), self._expand_prompts(request.negatives)])
         return {"cond_ids": jnp.asarray(cond), "uncond_ids": jnp.asarray(uncond),
                 "cond_weights": jnp.asarray(cond_weights), "uncond_weights": jnp.asarray(uncond_weights)}
 
