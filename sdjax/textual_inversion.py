@@ -70,15 +70,7 @@ def read_state(path: Path) -> dict[str, Any]:
     """A file's entries, nested dicts flattened to dotted keys ("string_to_param.*"), tensors as numpy."""
     if path.suffix == ".safetensors":
         return {**tensor_files.read_safetensors_metadata(path), **tensor_files.read_safetensors(path)}
-    try:
-        import torch
-    except ImportError:
-        raise WeightsError(f"{path} is a PyTorch pickle and torch is not installed; install torch or convert the "
-                           f"embedding to .safetensors") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise WeightsError(f"{path}: cannot read the PyTorch file ({type(err).__name__}: {err})") from err
+    state = tensor_files.load_torch_pickle(path, "embedding")
     if not isinstance(state, Mapping):
         raise WeightsError(f"{path} holds a {type(state).__name__}, not a dict; expected {EXPECTED_LAYOUT}")
     return flatten(state)

@@ -104,17 +104,24 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
     os.replace(temporary, path)
 
 
-def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """A PyTorch .bin/.pt/.ckpt state dict, loaded safely (`weights_only=True`); needs torch."""
+def load_torch_pickle(path: str | os.PathLike, what: str = "checkpoint"):
+    """The object in a PyTorch pickle (.bin/.pt/.ckpt), loaded safely (`weights_only=True`); needs torch."""
     try:
         import torch
     except ImportError:
         raise WeightsError(f"{path} is a PyTorch pickle and torch is not installed; install torch or convert "
-                           f"the checkpoint to .safetensors") from None
+                           f"the {what} to .safetensors") from None
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or unsafe pickles
-        raise WeightsError(f"{path}: cannot read PyTorch checkpoint ({type(err).__name__}: {err})") from err
+        raise WeightsError(f"{path}: cannot read PyTorch {what} ({type(err).__name__}: {err})") from err
+
+
+def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A PyTorch .bin/.pt/.ckpt state dict, loaded safely (`weights_only=True`); needs torch."""
+    import torch
+
+    state = load_torch_pickle(path)
     state = state.get("state_dict", state)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
             for k, v in state.items() if isinstance(v, torch.Tensor)}
