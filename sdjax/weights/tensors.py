@@ -119,9 +119,9 @@ def load_torch_pickle(path: str | os.PathLike, what: str = "checkpoint"):
 
 def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch .bin/.pt/.ckpt state dict, loaded safely (`weights_only=True`); needs torch."""
-    import torch
-
     state = load_torch_pickle(path)
+    import torch  # there, since the load succeeded
+
     state = state.get("state_dict", state)
     return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
             for k, v in state.items() if isinstance(v, torch.Tensor)}
