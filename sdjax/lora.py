@@ -110,7 +110,7 @@ def load_adapter(source, params: dict, *, name: str, scale: float = 1.0, merged:
 def read_lora(source) -> tuple[dict[str, np.ndarray], dict[str, dict], str]:
     """(tensors, {component: its PEFT LoraConfig fields}, a description for messages) of a LoRA source."""
     if isinstance(source, Mapping):
-        return {str(key): _numpy(value) for key, value in source.items()}, {}, "the LoRA state dict"
+        return {str(key): tensor_files.to_numpy(value) for key, value in source.items()}, {}, "the LoRA state dict"
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidArgumentError(f"a LoRA is a path (.safetensors, .bin, .pt, or a folder with {DIFFUSERS_FILE}) or "
                                    f"a state dict, got {type(source).__name__}")
@@ -127,14 +127,6 @@ def read_lora(source) -> tuple[dict[str, np.ndarray], dict[str, dict], str]:
         return tensor_files.read_torch_pickle(path), {}, str(path)
     metadata = tensor_files.read_safetensors_metadata(path)
     return tensor_files.read_safetensors(path), adapter_configs(metadata, path), str(path)
-
-
-def _numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; numpy has no bfloat16 of torch's kind
-        value = value.detach().cpu()
-        value = value.float() if str(value.dtype) == "torch.bfloat16" else value
-        return value.numpy()
-    return np.asarray(value)
 
 
 def adapter_configs(metadata: Mapping[str, str], source) -> dict[str, dict]:
@@ -187,7 +179,7 @@ def lora_layers(state: Mapping[str, np.ndarray], configs: Mapping[str, dict], pa
                                           module, source)
     if unmatched:
         message = (f"{source}: {len(unmatched)} of {len(state)} LoRA keys match no layer of this pipeline's "
-                   f"{', '.join(layers)} (a LoRA for another architecture?): {keymap._listing(unmatched, 5)}")
+                   f"{', '.join(layers)} (a LoRA for another architecture?): {keymap.listing(unmatched, 5)}")
         if strict or not found:
             raise WeightsError(message + ("; pass strict=False to load the keys that match and skip these"
                                           if found else ""))

@@ -77,24 +77,16 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def flatten(state: Mapping, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as one dict with dotted keys; tensors (torch, jax or numpy) as float numpy arrays."""
+    """Nested mappings as one dict with dotted keys; tensors (torch, jax or numpy) as numpy arrays."""
     flat = {}
     for key, value in state.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = as_numpy(value)
+            is_array = tensor_files.is_torch_tensor(value) or hasattr(value, "shape") and hasattr(value, "dtype")
+            flat[name] = tensor_files.to_numpy(value) if is_array else value  # `name` and the like stay as they are
     return flat
-
-
-def as_numpy(value):
-    """A tensor as a float32 numpy array (bfloat16 and float16 included); anything else unchanged."""
-    if hasattr(value, "detach"):  # a torch tensor
-        return value.detach().cpu().float().numpy()
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return np.asarray(value, np.float32)
-    return value
 
 
 def embedding_from_state(state: Mapping[str, Any], token: str | None, stem: str | None, source: str) -> Embedding:

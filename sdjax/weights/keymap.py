@@ -90,11 +90,11 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], expected: Any, 
         params[path] = value.astype(dtype)
     problems = []
     if missing:
-        problems.append(f"missing keys: {_listing(missing)}")
+        problems.append(f"missing keys: {listing(missing)}")
     if available:
-        problems.append(f"unexpected keys: {_listing(sorted(available.values()))}")
+        problems.append(f"unexpected keys: {listing(sorted(available.values()))}")
     if misshaped:
-        problems.append(f"wrong shapes: {_listing(misshaped)}")
+        problems.append(f"wrong shapes: {listing(misshaped)}")
     if problems:
         raise WeightsError(f"{source} does not match the model config next to it; " + "; ".join(problems)
                            + ". Check that config.json and the weights come from the same model.")
@@ -111,6 +111,6 @@ def _torch_shape(leaf: str, flax_value: np.ndarray) -> tuple[int, ...]:
     return tuple(flax_to_torch(leaf, flax_value).shape)
 
 
-def _listing(items: list[str], limit: int = 8) -> str:
+def listing(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

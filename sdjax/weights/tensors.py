@@ -120,11 +120,20 @@ def load_torch_pickle(path: str | os.PathLike, what: str = "checkpoint"):
 def read_torch_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A PyTorch .bin/.pt/.ckpt state dict, loaded safely (`weights_only=True`); needs torch."""
     state = load_torch_pickle(path)
-    import torch  # there, since the load succeeded
-
     state = state.get("state_dict", state)
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy()
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {k: to_numpy(v) for k, v in state.items() if is_torch_tensor(v)}
+
+
+def is_torch_tensor(value) -> bool:
+    return hasattr(value, "detach") and hasattr(value, "numpy")
+
+
+def to_numpy(value) -> np.ndarray:
+    """A torch, jax or numpy array as numpy, in its own dtype but for torch's bfloat16 (numpy has none: float32)."""
+    if is_torch_tensor(value):
+        value = value.detach().cpu()
+        return (value.float() if str(value.dtype) == "torch.bfloat16" else value).numpy()
+    return np.asarray(value)
 
 
 def find_weight_files(folder: Path, variant: str | None = None) -> list[Path]:
