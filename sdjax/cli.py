@@ -53,6 +53,16 @@ def seed_list(text: str) -> list[int]:
     return seeds
 
 
+def _single_file_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FOLDER_OR_HUB_ID",
+                        help="for a single-file checkpoint: a diffusers folder or hub id whose configs, tokenizers "
+                             "and scheduler go with its weights (needed for small or unusual architectures; "
+                             "full-size SD 1.x/2.x/SDXL are recognised)")
+    parser.add_argument("--prediction-type", choices=("epsilon", "v_prediction"),
+                        help="for a single-file checkpoint: what the model predicts, which a file cannot always "
+                             "say (default: v_prediction for SD 2.x as diffusers, else epsilon or --config's)")
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="what to draw (or take it from --from-png)")
     parser.add_argument("--from-png", metavar="PNG",
@@ -61,8 +71,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                              "from this command line")
     parser.add_argument("--negative-prompt", "--negative", dest="negative_prompt", default="",
                         help="what to avoid")
-    parser.add_argument("--model", help="diffusers-layout folder or hub id (default: the small shapes model that "
-                                        "ships inside sdjax)")
+    parser.add_argument("--model", help="diffusers-layout folder, hub id, or single-file checkpoint (.safetensors, "
+                                        ".ckpt; default: the small shapes model that ships inside sdjax)")
+    _single_file_arguments(parser)
     parser.add_argument("--steps", type=int, default=30, help="sampling steps")
     parser.add_argument("--sampler", help="sampler name (`sdjax samplers` lists them); default: the model's "
                                           "scheduler config, as diffusers would run it")
@@ -156,11 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
                             help="fraction of the steps where each ControlNet stops acting (default 1)")
     controlnet.add_argument("--guess-mode", action="store_true",
                             help="ControlNets act on the conditional half of guidance only")
-    convert = command("convert", help="re-save a diffusers folder (e.g. .bin -> safetensors, dtype)")
-    convert.add_argument("source", help="diffusers folder or hub id")
-    convert.add_argument("target", help="new folder")
+    convert = command("convert", help="single-file checkpoint <-> diffusers folder, or re-save a folder "
+                                      "(.bin -> safetensors, dtype)")
+    convert.add_argument("source", help="diffusers folder, hub id, or single-file checkpoint (.safetensors, .ckpt)")
+    convert.add_argument("target", help="new folder, or a new .safetensors file for a single file")
+    convert.add_argument("--to", choices=("diffusers", "single-file"),
+                         help="what to write: a diffusers folder, or one .safetensors in the original "
+                              "CompVis/Stability layout (A1111, ComfyUI); default: single-file when the target "
+                              "ends in .safetensors")
     convert.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                          help="dtype of the saved weights")
+    _single_file_arguments(convert)
     convert.set_defaults(func=run_convert)
     samplers = command("samplers", help="list the samplers and sigma schedules, one line each")
     samplers.set_defaults(func=run_list_samplers)
@@ -370,14 +387,15 @@ def run_sampling_command(args) -> int:
     edit = inputs.get("edit")
     height, width = edit.image.shape[1:3] if edit is not None else (inputs["height"], inputs["width"])
     folder = model_folder(args.model)
-    if height or width:  # fail before the (slow) load; the model's default size needs no check
+    if (height or width) and folder.is_dir():  # fail before the (slow) load; the model's default size needs no check
         factor = diffusers_folder.read_config(folder / "vae", "vae")[0].downscale_factor
         check_image_size(height or factor, width or factor, factor)
     if not args.no_compile_cache:
         compile_cache.enable(args.cache_dir)
 
     status(f"loading {args.model or 'the embedded shapes model'}")
-    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention, check_finite=True)
+    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention, check_finite=True,
+                             config=args.config, prediction_type=args.prediction_type)
     show_compile_status("" if args.no_compile_cache else " (slow the first time only: later runs read it from "
                                                          "the compilation cache)")
     result = pipeline.generate(
@@ -433,10 +451,23 @@ def run_convert(args) -> int:
     from sdjax.pipeline import load_pipeline
 
     target = Path(args.target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+    to_file = args.to == "single-file" or (args.to is None and target.suffix.lower() == ".safetensors")
+    if to_file and target.suffix.lower() != ".safetensors":
+        raise SdjaxError(f"{target}: a single file is written as .safetensors; name it "
+                         f"{target.with_suffix('.safetensors').name}")
+    if to_file and target.exists():
+        raise SdjaxError(f"{target} exists; choose a new file name")
+    if not to_file and target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise SdjaxError(f"{target} exists and is not an empty folder; choose a new folder")
     dtype = {"float32": np.float32, "float16": np.float16, "bfloat16": ml_dtypes.bfloat16}[args.dtype]
-    pipeline = load_pipeline(args.source)
+    pipeline = load_pipeline(args.source, config=args.config, prediction_type=args.prediction_type)
+    if to_file:
+        try:
+            pipeline.save_single_file(target, dtype=dtype)  # atomic: a failure leaves no file behind
+        except OSError as err:
+            raise SdjaxError(f"convert: writing {target} failed ({err}); nothing was left behind") from None
+        print(target)
+        return 0
     # Written beside the target and moved into place: a failure (a full disk) leaves nothing behind.
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)

@@ -27,7 +27,7 @@ from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
 from sdjax.tokenizer import clip_tokenizer_class, save_tokenizer
 from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
-from sdjax.weights import diffusers_folder, hub
+from sdjax.weights import diffusers_folder, hub, single_file
 
 log = logging.getLogger(__name__)
 _PARAM_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -587,6 +587,13 @@ class Pipeline:
         diffusers_folder.write_model_index(folder, scheduler_class, self.sdxl_settings.pipeline_class, family=family,
                                            settings=self.sdxl_settings.model_index_entries(family))
 
+    def save_single_file(self, path: str | os.PathLike, *, dtype=np.float32) -> None:
+        """Write every network as one .safetensors in the original CompVis/Stability layout (what A1111, ComfyUI
+        and diffusers' `from_single_file` load), atomically. A single file holds no tokenizer or scheduler; a
+        v-prediction model is marked with ComfyUI's `v_pred` key (`sdjax.weights.single_file`)."""
+        single_file.write(path, self.configs, self.params, dtype=dtype,
+                          prediction_type=self.scheduler_config.get("prediction_type", "epsilon"))
+
     # --- pure functions behind the jit ---------------------------------------------------------------------
 
     def _encode_tokens(self, params, ids, clip_skip) -> dict:
@@ -725,16 +732,23 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
-                  variant: str | None = None, attention: str = "einsum", check_finite: bool = False) -> Pipeline:
-    """Load a Stable Diffusion pipeline from a diffusers folder or a hub id; with no argument, the small shapes
-    model that ships inside sdjax (`sdjax.embedded`). SD 1.x / 2.x, SDXL base and SDXL refiner folders are told
-    apart by the text encoders their model_index.json lists.
+                  variant: str | None = None, attention: str = "einsum", check_finite: bool = False,
+                  config: str | os.PathLike | None = None, prediction_type: str | None = None) -> Pipeline:
+    """Load a Stable Diffusion pipeline from a diffusers folder, a hub id, or a single-file checkpoint
+    (.safetensors or a PyTorch .ckpt/.pt in the original CompVis/Stability layout); with no argument, the small
+    shapes model that ships inside sdjax (`sdjax.embedded`). SD 1.x / 2.x, SDXL base and SDXL refiner folders are
+    told apart by the text encoders their model_index.json lists, single files by their keys
+    (`sdjax.weights.single_file`).
 
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
     is split between them (padded to a multiple of their count; default: the first local device only).
     check_finite: refuse weights that hold NaN or inf, naming the file and tensors (a pass over every weight; the
     CLI does it). Without it, a damaged weight shows as NonFiniteOutputError when it spoils an image.
+    Single files only: config, a diffusers folder or hub id whose configs, tokenizers and scheduler go with the
+    file's weights (needed for small or unusual architectures; else full-size configs are built in and the
+    tokenizers come from the Hugging Face cache); prediction_type ("epsilon", "v_prediction"), which a file
+    cannot always say (default: v-prediction for SD 2.x as diffusers, else epsilon, or the config's).
     """
     try:
         dtype_name = np.dtype(dtype).name
@@ -744,10 +758,27 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         raise InvalidArgumentError(f"dtype={dtype_name!r} is not supported; use one of {', '.join(_PARAM_DTYPES)}")
     if devices is not None and len(devices) == 0:
         raise InvalidArgumentError("devices=[] lists no device; pass None (the first device) or e.g. jax.devices()")
-    folder = model_folder(path_or_hub_id, variant)
+    source = model_folder(path_or_hub_id, variant)
+    if source.is_file():
+        loaded = single_file.read_pipeline(source, config=config, prediction_type=prediction_type, dtype=dtype,
+                                           check_finite=check_finite)
+    elif config is not None or prediction_type is not None:
+        raise InvalidArgumentError(f"config= and prediction_type= are for single-file checkpoints; {source} is a "
+                                   f"diffusers folder, which has its own configs and scheduler")
+    else:
+        loaded = _read_folder(source, dtype, variant, check_finite)
+    tokenizers = {name: load_tokenizer(folder) for name, folder in loaded.tokenizer_folders.items()}
+    mesh = None if devices is None else parallel.make_mesh(devices=devices)
+    return Pipeline(loaded.configs, loaded.params, tokenizers.get("text_encoder"), loaded.scheduler_config,
+                    dtype=dtype, attention=attention, raw_configs=loaded.raw_configs, mesh=mesh,
+                    is_embedded=source == embedded.EMBEDDED_MODEL, tokenizer_2=tokenizers.get("text_encoder_2"),
+                    sdxl_settings=loaded.settings)
+
+
+def _read_folder(folder: Path, dtype, variant: str | None, check_finite: bool) -> single_file.Loaded:
+    """Everything `load_pipeline` reads from a diffusers folder."""
     index = diffusers_folder.read_model_index(folder)
     family = diffusers_folder.model_family(index)  # SD 1.x / 2.x, SDXL base or SDXL refiner
-
     loaded, raw, params = {}, {}, {}
     for name in family:
         loaded[name], raw[name] = diffusers_folder.read_config(folder / name, name)
@@ -759,11 +790,8 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         params[name] = diffusers_folder.load_params(folder / name, name, loaded[name], dtype=dtype, variant=variant,
                                                     check_finite=check_finite)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
-    tokenizers = {name: load_tokenizer(folder / TEXT_ENCODERS[name]) for name in family if name in TEXT_ENCODERS}
-    mesh = None if devices is None else parallel.make_mesh(devices=devices)
-    return Pipeline(loaded, params, tokenizers.get("text_encoder"), scheduler_config, dtype=dtype,
-                    attention=attention, raw_configs=raw, mesh=mesh, is_embedded=folder == embedded.EMBEDDED_MODEL,
-                    tokenizer_2=tokenizers.get("text_encoder_2"), sdxl_settings=settings)
+    tokenizers = {name: folder / TEXT_ENCODERS[name] for name in family if name in TEXT_ENCODERS}
+    return single_file.Loaded(loaded, raw, params, tokenizers, scheduler_config, settings)
 
 
 def load_tokenizer(folder: Path):
@@ -776,7 +804,8 @@ def load_tokenizer(folder: Path):
 
 
 def model_folder(path_or_hub_id: str | os.PathLike | None, variant: str | None = None) -> Path:
-    """The local folder of a model: the embedded one for None, else a folder or a (downloaded) hub id."""
+    """The local folder of a model: the embedded one for None, else a folder, a (downloaded) hub id, or the path of
+    a single-file checkpoint."""
     if path_or_hub_id is not None:
         return hub.resolve(path_or_hub_id, variant)
     if not (embedded.EMBEDDED_MODEL / "model_index.json").is_file():

@@ -245,7 +245,14 @@ SDXL_UNET = UNetConfig(  # stabilityai/stable-diffusion-xl-base-1.0
     cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
     use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816)
+SDXL_REFINER_UNET = UNetConfig(  # stabilityai/stable-diffusion-xl-refiner-1.0
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    block_out_channels=(384, 768, 1536, 1536), cross_attention_dim=1280, transformer_layers_per_block=4,
+    attention_head_dim=(6, 12, 24, 24), use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2560)
 SD_VAE = VAEConfig()
+SDXL_VAE = VAEConfig(scaling_factor=0.13025)
 SD15_TEXT = CLIPTextConfig()  # openai/clip-vit-large-patch14
 SD21_TEXT = CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                            num_attention_heads=16, hidden_act="gelu")  # OpenCLIP ViT-H/14, last layer dropped

@@ -1,4 +1,4 @@
-"""Resolve what the user passed to `load_pipeline` into a local diffusers folder."""
+"""Resolve what the user passed to `load_pipeline` into a local diffusers folder or single checkpoint file."""
 from __future__ import annotations
 
 import os
@@ -10,30 +10,28 @@ from sdjax.errors import MissingComponentError, OfflineError
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
                  "unet/diffusion_pytorch_model{v}.safetensors*", "vae/diffusion_pytorch_model{v}.safetensors*",
                  "text_encoder/model{v}.safetensors*", "text_encoder_2/model{v}.safetensors*"]  # _2: SDXL's
+_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a missing file named like this is no hub id
 
 
-def resolve(path_or_hub_id: str | os.PathLike, variant: str | None = None) -> Path:
-    """A local folder for a path, or the hub snapshot for an id like `stable-diffusion-v1-5/stable-diffusion-v1-5`."""
+def resolve(path_or_hub_id: str | os.PathLike, variant: str | None = None, *, weights: bool = True) -> Path:
+    """A local folder for a path, the hub snapshot for an id like `stable-diffusion-v1-5/stable-diffusion-v1-5`, or
+    a local single-file checkpoint as it is (`sdjax.weights.single_file` reads those). weights=False fetches only
+    the configs, tokenizers and scheduler of a hub id (what `config=` of a single file needs)."""
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
-        if path.is_file():
-            raise MissingComponentError(
-                f"{path} is a single file; sdjax loads diffusers-layout folders (model_index.json, unet/, vae/, "
-                f"text_encoder/, tokenizer/, scheduler/). Convert single-file checkpoints with diffusers' "
-                f"`StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)`.")
         return path
     text = str(path_or_hub_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise MissingComponentError(f"{text}: no such folder, and not a hub id of the form 'owner/name'")
-    return _download(text, variant)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith(_FILE_SUFFIXES):
+        raise MissingComponentError(f"{text}: no such file or folder, and not a hub id of the form 'owner/name'")
+    return _download(text, variant, weights)
 
 
-def _download(repo_id: str, variant: str | None) -> Path:
+def _download(repo_id: str, variant: str | None, weights: bool = True) -> Path:
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
 
     suffix = f".{variant}" if variant else ""
-    patterns = [p.format(v=suffix) for p in _HUB_PATTERNS]
+    patterns = [p.format(v=suffix) for p in _HUB_PATTERNS if weights or "safetensors" not in p]
     try:
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns))
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as err:

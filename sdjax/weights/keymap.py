@@ -111,6 +111,17 @@ def _torch_shape(leaf: str, flax_value: np.ndarray) -> tuple[int, ...]:
     return tuple(flax_to_torch(leaf, flax_value).shape)
 
 
+def torch_shapes(expected: Any) -> dict[str, tuple[int, ...]]:
+    """The PyTorch state-dict keys and shapes of a Flax param tree (arrays or ShapeDtypeStructs), nothing allocated."""
+    shapes = {}
+    for path, spec in traverse_util.flatten_dict(expected).items():
+        shape = tuple(spec.shape)
+        if path[-1] == "kernel" and len(shape) in (2, 4):
+            shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+        shapes[torch_key(path)] = shape
+    return shapes
+
+
 def listing(items: list[str], limit: int = 8) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f" (and {len(items) - limit} more)" if len(items) > limit else "")

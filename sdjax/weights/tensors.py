@@ -46,6 +46,18 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         return dict(_header(f, path)[0].get("__metadata__") or {})
 
 
+def safetensors_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor of a .safetensors file, read from its header alone (no tensor data)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        header = _header(f, path)[0]
+    header.pop("__metadata__", None)
+    try:
+        return {name: tuple(info["shape"]) for name, info in header.items()}
+    except (KeyError, TypeError) as err:
+        raise WeightsError(f"{path}: malformed safetensors header ({err!r})") from err
+
+
 def _header(f, path: Path) -> tuple[dict, int]:
     """(the JSON header, the file size) of an open safetensors file, left positioned at the first tensor byte."""
     size = os.fstat(f.fileno()).st_size
@@ -96,12 +108,16 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], m
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8-byte alignment
     temporary = Path(f"{path}.partial")
-    with open(temporary, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
-        for value in arrays.values():
-            f.write(value.tobytes())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)))
+            f.write(encoded)
+            for value in arrays.values():
+                f.write(value.tobytes())
+        os.replace(temporary, path)
+    except BaseException:  # a full disk, an interrupt: no half-written file stays behind, at `path` or beside it
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def load_torch_pickle(path: str | os.PathLike, what: str = "checkpoint"):
