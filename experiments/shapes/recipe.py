@@ -39,7 +39,9 @@ SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", 
          # Smaller networks of the same kinds: the plumbing is the same and they compile in half the time.
          "model": {"unet": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8},
-                   "text_encoder": {"num_hidden_layers": 1}}}
+                   "text_encoder": {"num_hidden_layers": 1}},
+         # The end-of-stage adherence check runs, on 4 prompts at 2 steps: the full one costs more than the training.
+         "evaluate": {"prompts": 4, "steps": 2}}
 
 log = logging.getLogger("sdjax.shapes")
 
@@ -191,20 +193,22 @@ def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package"
         _replace_dir(lambda folder: write_base_folder(folder, vae_export, data_dir), base_dir)
     scale = _json(base_dir / "vae" / "config.json")["scaling_factor"] if base_dir.is_dir() else None
     log.info("base: %s (latent scaling_factor %s)", base_dir, scale)
+    from experiments.shapes.evaluate import DEFAULT_GUIDANCE, Setting, adherence_evaluator
+    size = SMOKE["evaluate"] if smoke else {"prompts": 64, "steps": 20}
+    evaluator = adherence_evaluator(size["prompts"], Setting("dpmpp_2m", size["steps"], DEFAULT_GUIDANCE))
+    cached = [f"data.cache_dir={workdir / 'latent_cache'}"]
     if "unet" in stages:
         log.info("unet: training in %s", workdir / "unet")
-        from experiments.shapes.evaluate import adherence_evaluator
-        cached = [f"data.cache_dir={workdir / 'latent_cache'}"]
         unet_export = train_stage(HERE / "train_unet.py", workdir / "unet", with_data(base_dir) + cached,
-                                  evaluate=adherence_evaluator(prompts=64))
+                                  evaluate=evaluator)
     if "refine" in stages:
         log.info("refine: training in %s", workdir / "refine")
         unet_export = train_stage(HERE / "train_refine.py", workdir / "refine", with_data(unet_export) + cached,
-                                  evaluate=adherence_evaluator(prompts=64))
+                                  evaluate=evaluator)
     if "balance" in stages:
         log.info("balance: training in %s", workdir / "balance")
         unet_export = train_stage(HERE / "train_balance.py", workdir / "balance", with_data(unet_export) + cached,
-                                  evaluate=adherence_evaluator(prompts=64))
+                                  evaluate=evaluator)
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")
         decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))
