@@ -63,6 +63,11 @@ def _single_file_arguments(parser: argparse.ArgumentParser) -> None:
                              "say (default: v_prediction for SD 2.x as diffusers, else epsilon or --config's)")
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla")
+"""sdjax.models.attention.IMPLEMENTATIONS, named here so that `--help` does not import jax (tests/test_cli.py
+checks that the two agree)."""
+
+
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", help="what to draw (or take it from --from-png)")
     parser.add_argument("--from-png", metavar="PNG",
@@ -100,8 +105,8 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid", action="store_true", help="also write all images as one grid PNG")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="param and compute dtype")
-    parser.add_argument("--attention", default="einsum", choices=("einsum", "chunked", "xla"),
-                        help="attention implementation")
+    parser.add_argument("--attention", default="auto", choices=ATTENTION_IMPLEMENTATIONS,
+                        help="attention implementation (auto: blocked on CPU, xla on GPU/TPU)")
     parser.add_argument("--batch-invariant", action="store_true",
                         help="bitwise the same image for a seed whatever the batch (runs images one by one)")
     parser.add_argument("--no-compile-cache", action="store_true",

@@ -22,6 +22,7 @@ from sdjax import (embedded, generation, lora, parallel, progress, prompt_syntax
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION, TEXT_ENCODERS
 from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, plan_from_names
@@ -44,7 +45,7 @@ class Pipeline:
     """
 
     def __init__(self, configs: Mapping[str, Any], params: dict, tokenizer, scheduler_config: dict, *,
-                 dtype=jnp.float32, attention: str = "einsum", raw_configs: dict | None = None,
+                 dtype=jnp.float32, attention: str = DEFAULT_ATTENTION, raw_configs: dict | None = None,
                  mesh: jax.sharding.Mesh | None = None, is_embedded: bool = False, tokenizer_2=None,
                  sdxl_settings: sdxl.SDXLSettings | None = None):
         self.configs = dict(configs)
@@ -732,7 +733,7 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
 
 
 def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
-                  variant: str | None = None, attention: str = "einsum", check_finite: bool = False,
+                  variant: str | None = None, attention: str = DEFAULT_ATTENTION, check_finite: bool = False,
                   config: str | os.PathLike | None = None, prediction_type: str | None = None) -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder, a hub id, or a single-file checkpoint
     (.safetensors or a PyTorch .ckpt/.pt in the original CompVis/Stability layout); with no argument, the small

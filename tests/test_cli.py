@@ -31,6 +31,11 @@ def test_help_documents_every_option():
     assert "(default: float32)" in text and "(default: 30)" in text
 
 
+def test_attention_choices_are_the_backends():
+    from sdjax.models import attention
+    assert cli.ATTENTION_IMPLEMENTATIONS == attention.IMPLEMENTATIONS  # named twice so that --help needs no jax
+
+
 @pytest.mark.parametrize("flags", [
     ["--cfg", "5", "--negative", "dark", "-n", "3", "--rescale", "0.7"],
     ["--guidance-scale", "5", "--negative-prompt", "dark", "--num-images", "3", "--guidance-rescale", "0.7"],

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from sdjax.errors import InvalidArgumentError
-from sdjax.models.attention import attention
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION, attention
 from sdjax.models.configs import CLIPTextConfig
 
 # transformers' CLIP configs of that era stored eos_token_id = 2 and pooled at the largest id instead (the
@@ -117,7 +117,7 @@ class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, x, mask):
@@ -152,7 +152,7 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, x, mask):
@@ -167,7 +167,7 @@ class CLIPEncoder(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, x, mask) -> tuple[jax.Array, ...]:
@@ -184,7 +184,7 @@ class CLIPTextTransformer(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, clip_skip: int | None = 0,
@@ -218,7 +218,7 @@ class CLIPTextModel(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, clip_skip: int | None = 0,

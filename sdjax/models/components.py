@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.models import configs
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from sdjax.models.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.models.unet import UNet2DConditionModel
@@ -43,7 +44,7 @@ class Component:
     def weights_name(self) -> str:
         return "diffusion_pytorch_model" if self.library == "diffusers" else "model"
 
-    def build(self, config, dtype=jnp.float32, attention: str = "einsum"):
+    def build(self, config, dtype=jnp.float32, attention: str = DEFAULT_ATTENTION):
         """The Flax module for `config`, computing and storing params in `dtype`."""
         return self.module(config=config, dtype=dtype, param_dtype=dtype, attention_implementation=attention)
 

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.configs import SD15_UNET, SD21_UNET, UNetConfig
 from sdjax.models.layers import MidBlock2D, make_conv
 from sdjax.models.unet import check_config, down_path, embed_timesteps, mid_block_kwargs
@@ -156,7 +157,7 @@ class ControlNetModel(nn.Module):
     config: ControlNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
-from sdjax.models.attention import attention
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION, attention
 
 Dtype = Any
 
@@ -160,7 +160,7 @@ class Attention(nn.Module):
     norm_groups: int | None = None
     norm_eps: float = 1e-6
     residual: bool = False
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -213,7 +213,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     upcast_attention: bool = False
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -240,7 +240,7 @@ class Transformer2DModel(nn.Module):
     groups: int = 32
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -279,7 +279,7 @@ class _Block(nn.Module):
     transformer_layers: int = 1
     use_linear_projection: bool = False
     upcast_attention: bool = False
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdjax.errors import ConfigError, InvalidArgumentError
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.configs import UNetConfig
 from sdjax.models.layers import (DownBlock2D, MidBlock2D, TimestepEmbedding, UpBlock2D, make_conv, make_group_norm,
                                  timestep_embedding)
@@ -131,7 +132,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
     remat: bool = False  # recompute each block's activations in the backward pass (training memory)
 
     @nn.compact

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.errors import ConfigError
+from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.configs import VAEConfig
 from sdjax.models.layers import DownBlock2D, MidBlock2D, UpBlock2D, make_conv, make_group_norm
 
@@ -73,7 +74,7 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, x):
@@ -95,7 +96,7 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     @nn.compact
     def __call__(self, z):
@@ -124,7 +125,7 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
-    attention_implementation: str = "einsum"
+    attention_implementation: str = DEFAULT_ATTENTION
 
     # setup rather than nn.compact: encode and decode are separate entry points sharing one param tree.
     # Attribute names are the submodule names, which match diffusers'.

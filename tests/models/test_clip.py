@@ -143,9 +143,10 @@ def test_attention_implementations_agree(tokens):
     ids, mask = tokens
     params = CLIPTextModel(SD2_LIKE).init(jax.random.key(1), ids)
     outputs = {impl: CLIPTextModel(SD2_LIKE, attention_implementation=impl).apply(params, ids, mask, clip_skip=1)
-               for impl in ("einsum", "xla")}
-    for name in ("last_hidden_state", "prompt_embeds", "pooler_output"):
-        assert relative_l2(getattr(outputs["xla"], name), getattr(outputs["einsum"], name)) < 1e-5, name
+               for impl in ("einsum", "blocked", "xla")}
+    for impl in ("blocked", "xla"):
+        for name in ("last_hidden_state", "prompt_embeds", "pooler_output"):
+            assert relative_l2(getattr(outputs[impl], name), getattr(outputs["einsum"], name)) < 1e-5, (impl, name)
 
 
 def test_clip_skip_zero_is_the_last_hidden_state(tokens):

@@ -171,10 +171,10 @@ def test_attention_implementations_agree():
     _, model, params = _models("one_level")
     sample, context = _inputs(model.config, 1, (32, 64), seed=3)
     outputs = {}
-    for impl in ("einsum", "chunked", "xla"):
+    for impl in ("einsum", "chunked", "blocked", "xla"):
         variant = UNet2DConditionModel(model.config, attention_implementation=impl)
         outputs[impl] = jax.jit(variant.apply)({"params": params}, sample, np.float32(321.0), context)
-    for impl in ("chunked", "xla"):
+    for impl in ("chunked", "blocked", "xla"):
         rel, max_abs = errors(outputs[impl], outputs["einsum"])
         assert rel <= TOL, (impl, rel, max_abs)
 
