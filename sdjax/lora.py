@@ -189,16 +189,41 @@ def lora_layers(state: Mapping[str, np.ndarray], configs: Mapping[str, dict], pa
     return found
 
 
+def kernel_shapes(params) -> dict[str, tuple[int, ...]]:
+    """{"path/of/kernel": shape} of every linear and conv layer in a component's params: what a LoRA can adapt."""
+    return {"/".join(path): np.shape(leaf) for path, leaf in traverse_util.flatten_dict(params).items()
+            if path[-1] == "kernel"}
+
+
+def module_name(kernel_path: str) -> str:
+    """The PyTorch module name of the layer whose Flax kernel is at `kernel_path` (".../attn1/to_q/kernel" ->
+    "...attn1.to_q"): how LoRA files name layers."""
+    return keymap.torch_key(tuple(kernel_path.split("/"))).removesuffix(".weight")
+
+
+def matches_module(pattern: str, module: str) -> bool:
+    """Whether the regular expression `pattern` matches the end of `module` at a dot boundary, as PEFT matches
+    target_modules, rank_pattern and alpha_pattern ("to_q" matches "...attn1.to_q" but not "...attn1.to_qkv")."""
+    return re.match(rf"(.*\.)?({pattern})$", module) is not None
+
+
+def torch_factors(factors: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(down, up) of one layer in PyTorch layout, (r, in) or (r, in, kh, kw) and (out, r) or (out, r, 1, 1), from
+    the Flax layout of the module docstring: the inverse of what loading does, for writing LoRA files."""
+    down = keymap.flax_to_torch("kernel", np.asarray(factors["down"], np.float32))
+    up = np.asarray(factors["up"], np.float32).T
+    return down, (up[:, :, None, None] if down.ndim == 4 else up)
+
+
 class _Layers:
     """The linear and conv layers of one component: their PyTorch module names (and kohya's spelling of them, dots
     as underscores) to the Flax paths of their kernels, and each kernel's shape."""
 
     def __init__(self, params):
-        self.shapes = {"/".join(path): np.shape(leaf) for path, leaf in traverse_util.flatten_dict(params).items()
-                       if path[-1] == "kernel"}
+        self.shapes = kernel_shapes(params)
         self.by_name = {}
         for path in self.shapes:
-            module = keymap.torch_key(tuple(path.split("/"))).removesuffix(".weight")
+            module = module_name(path)
             self.by_name[module] = path
             # transformers 5 names CLIPTextModel's modules without `text_model.`, and so do LoRAs made on it
             self.by_name.setdefault(module.removeprefix("text_model."), path)
@@ -256,7 +281,7 @@ def _alpha(factors: dict, config: Mapping, module: str, rank: int) -> float:
     if "alpha" in factors:
         return float(np.asarray(factors["alpha"][1], np.float64).reshape(()))
     for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if matches_module(pattern, module):
             return float(alpha)
     return float(config.get("lora_alpha", rank))
 

@@ -6,7 +6,7 @@ EMA, an image-caption folder with a checkpointable iterator, orbax checkpoints a
 
 Modules: config (TrainConfig, overrides), data (folder scanning, BatchIterator), latents (VAE posteriors,
 latent cache), losses, state (TrainState, optimizer, EMA), step (train_step), task (what a run trains),
-checkpoint (orbax), metrics, export, loop (`train`), cli (`sdjax train`).
+checkpoint (orbax), metrics, export, adapters (LoRA training), loop (`train`), cli (`sdjax train`).
 """
 __all__ = ["TrainConfig", "load_config", "train"]
 

@@ -9,16 +9,19 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import re
 import traceback
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from sdjax.errors import ConfigError, did_you_mean
+from sdjax.models.attention import DEFAULT as ATTENTION_DEFAULT, IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from sdjax.parameterization import PARAMETERIZATIONS
 from sdjax.weights.diffusers_folder import read_json
 
 STAGES = ("unet", "vae")
+LORA_FORMATS = ("peft", "kohya")
 
 
 def _check_choice(key: str, value: str, choices: Iterable[str]) -> None:
@@ -49,7 +52,9 @@ class ModelConfig:
     train_text_encoder: bool = option(False, "also train the text encoder (stage unet)")
     compute_dtype: str = option("float32", "float32 or bfloat16 activations; params, gradients and optimizer "
                                            "state stay float32")
-    attention: str = option("einsum", "attention backend of the models (einsum, chunked, xla)")
+    attention: str = option(ATTENTION_DEFAULT, f"attention backend of the models "
+                                               f"({', '.join(ATTENTION_IMPLEMENTATIONS)}; auto: blocked on CPU, xla "
+                                               f"on GPU/TPU)")
     remat: bool = option(False, "recompute each U-Net block's activations in the backward pass: less memory, "
                                 "about a third more compute")
 
@@ -143,6 +148,41 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA training (stage unet): low-rank adapters of chosen U-Net layers are trained, the U-Net itself stays
+    frozen, and the adapter is exported as LoRA files instead of a model folder."""
+    rank: int = option(0, "rank of the adapters; 0 (the default) trains the whole U-Net instead")
+    alpha: float = option(0.0, "the adapters' update is scaled by alpha / rank, as in PEFT and kohya; 0 means "
+                               "alpha = rank")
+    # The attention projections, as diffusers' train_text_to_image_lora.py adapts them.
+    targets: tuple[str, ...] = option(("to_q", "to_k", "to_v", "to_out.0"),
+                                      "U-Net layers to adapt: regular expressions, each matched against the end of "
+                                      "a layer's diffusers module name at a dot boundary, as PEFT's target_modules "
+                                      "(to_q: every attn1.to_q and attn2.to_q; attn2\\.to_k: cross-attention "
+                                      "keys only; up_blocks\\.1\\..*to_v: those of up_blocks.1); --set separates "
+                                      "them with |, so give alternatives as separate items")
+    export_formats: tuple[str, ...] = option(("peft",), "LoRA files written to <workdir>/export: peft "
+                                                         "(pytorch_lora_weights.safetensors, what diffusers' "
+                                                         "load_lora_weights(folder) reads) and/or kohya "
+                                                         "(kohya_lora.safetensors: lora_unet_* keys with alphas)")
+
+    def __post_init__(self):
+        _check_positive("lora.rank", self.rank, allow_zero=True)
+        _check_positive("lora.alpha", self.alpha, allow_zero=True)
+        if not self.targets:
+            raise ConfigError("lora.targets is empty: name the U-Net layers to adapt, e.g. to_q|to_k|to_v|to_out.0")
+        for pattern in self.targets:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"lora.targets: {pattern!r} is not a regular expression ({err})") from None
+        if not self.export_formats:
+            raise ConfigError(f"lora.export_formats is empty: choose {' and/or '.join(LORA_FORMATS)}")
+        for name in self.export_formats:
+            _check_choice("lora.export_formats", name, LORA_FORMATS)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """One training run."""
     stage: str = option("unet", "unet: the diffusion U-Net (optionally with the text encoder) on VAE latents; "
@@ -172,6 +212,7 @@ class TrainConfig:
     vae_loss: VAELossConfig = VAELossConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     data: DataConfig = DataConfig()
+    lora: LoRAConfig = LoRAConfig()
 
     def __post_init__(self):
         _check_choice("stage", self.stage, STAGES)
@@ -185,9 +226,23 @@ class TrainConfig:
         if self.diffusion.normalize_loss_mask and not self.data.loss_mask:
             raise ConfigError("diffusion.normalize_loss_mask normalises the weights of data.loss_mask; turn "
                               "data.loss_mask on (and name a mask per image) or leave it off")
+        if self.lora.rank:
+            self._check_lora()
         if self.batch_size % self.optimizer.grad_accumulation:
             raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of optimizer.grad_accumulation "
                               f"= {self.optimizer.grad_accumulation}")
+
+
+    def _check_lora(self):
+        rank = f"lora.rank = {self.lora.rank} trains adapters of a pretrained U-Net"
+        if self.stage != "unet":
+            raise ConfigError(f"{rank}, but stage = {self.stage!r} trains no U-Net: set stage=unet, or lora.rank=0")
+        if self.model.unet_config:
+            raise ConfigError(f"{rank}, but model.unet_config = {self.model.unet_config!r} makes a new U-Net from "
+                              f"scratch: leave model.unet_config empty to adapt model.pretrained's U-Net")
+        if self.model.train_text_encoder:
+            raise ConfigError(f"{rank} and leaves the text encoder frozen; model.train_text_encoder would train it "
+                              f"whole beside them: turn it off (or lora.rank=0 for full fine-tuning)")
 
 
 # --------------------------------------------------------------------------------- dotted keys and overrides

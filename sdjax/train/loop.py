@@ -7,7 +7,7 @@ The run directory holds:
     metrics.jsonl      per logging window: loss, grad_norm, learning_rate, steps_per_sec, skipped_images
     eval.jsonl         what the `evaluate` function given to train() returned, every eval_every steps
     samples/           sample grids (when enabled and the pipeline can generate)
-    export/            the final weights (EMA by default) as a diffusers folder
+    export/            the final weights (EMA by default) as a diffusers folder; a LoRA run's adapter files
     latent_cache/      VAE posteriors of the dataset (data.cache_latents)
 
 Randomness is a function of (seed, step) only: step s uses fold_in(key(seed), s), the data order is drawn
@@ -36,10 +36,11 @@ from sdjax import distributed, parallel
 from sdjax.errors import ConfigError, InvalidArgumentError, NonFiniteLossError
 from sdjax.pipeline import Pipeline, load_pipeline
 from sdjax.train import config as config_lib
+from sdjax.train.adapters import lora_spec
 from sdjax.train.checkpoint import CheckpointStore
 from sdjax.train.config import TrainConfig
 from sdjax.train.data import BatchIterator, ImageSource, scan_folder
-from sdjax.train.export import export_folder, save_sample_grid, swap_weights, trained_pipeline
+from sdjax.train.export import export_run, save_sample_grid, swap_weights, trained_pipeline
 from sdjax.train.latents import load_or_build
 from sdjax.train.metrics import MetricsLog, truncate_after
 from sdjax.train.state import (
@@ -121,7 +122,8 @@ def write_run_files(workdir: Path, config: TrainConfig, start_step: int, changed
 BOOKKEEPING_KEYS = ("log_every", "checkpoint_every", "keep_checkpoints", "sample_every", "sample_prompts",
                     "sample_steps", "sample_guidance_scale", "eval_every", "eval_raw_weights", "export_ema",
                     "mesh",  # the same run resumes on another mesh: the arithmetic is the same
-                    "nonfinite")  # what a NaN step does, never what a finite one computes
+                    "nonfinite",  # what a NaN step does, never what a finite one computes
+                    "lora.export_formats")
 
 
 def check_same_run(workdir: Path, config: TrainConfig, *, allow_changes: bool = False) -> list[str]:
@@ -186,8 +188,11 @@ def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
                           require_masks=config.data.loss_mask)
     log.info("loading the base model %s", config.model.pretrained)
     base = load_pipeline(config.model.pretrained)
+    model = fingerprint(config, architectures(config, base))
+    if config.lora.rank:  # lora.targets that match no layer fail here, before anything is written
+        lora_spec(config.lora, base.params["unet"])
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
-    store.check_model(fingerprint(config, architectures(config, base)))  # before any init or write
+    store.check_model(model)  # before any init or write
     changed = check_same_run(workdir, config, allow_changes=allow_changes) if store.latest_step() is not None else []
     task = build_task(config, base, jax.random.fold_in(jax.random.key(config.seed), _INIT_STREAM))
     optimizer = make_optimizer(config.optimizer, config.num_steps)
@@ -300,16 +305,16 @@ def train(config: TrainConfig, workdir: str | Path, *,
                     weights = on_host({"ema": state.ema_params, **({"raw": state.params}
                                                                    if config.eval_raw_weights else {})})
                     if primary:
-                        _evaluate(evaluate, viewer, weights, step, workdir / "eval.jsonl")
+                        _evaluate(evaluate, viewer, task, weights, step, workdir / "eval.jsonl")
                 if step % config.checkpoint_every == 0:
                     save(state)
                 if config.sample_every and step % config.sample_every == 0:
                     weights = on_host(state.ema_params)
                     if primary:
-                        save_sample_grid(swap_weights(viewer, weights), workdir / "samples" / f"step_{step:07d}.png",
-                                         config.sample_prompts, size=config.data.resolution,
-                                         steps=config.sample_steps, guidance_scale=config.sample_guidance_scale,
-                                         seed=config.seed)
+                        save_sample_grid(swap_weights(viewer, task, weights),
+                                         workdir / "samples" / f"step_{step:07d}.png", config.sample_prompts,
+                                         size=config.data.resolution, steps=config.sample_steps,
+                                         guidance_scale=config.sample_guidance_scale, seed=config.seed)
             metrics.flush(step)
             save(state)
         finally:
@@ -320,7 +325,7 @@ def train(config: TrainConfig, workdir: str | Path, *,
         weights = on_host(state.ema_params if config.export_ema else state.params)
         export_dir = workdir / "export"
         if primary:
-            export_folder(trained_pipeline(run.base, task, weights), export_dir)
+            export_run(run.base, task, weights, export_dir)
             log.info("exported %s weights to %s", "EMA" if config.export_ema else "raw", export_dir)
     run.store.close()
     return TrainResult(step, stop.requested, export_dir, metrics.last, state)
@@ -331,10 +336,10 @@ def on_host(params):
     return distributed.to_host(params) if jax.process_count() > 1 else params
 
 
-def _evaluate(evaluate, viewer: Pipeline, weights: dict, step: int, path: Path) -> None:
+def _evaluate(evaluate, viewer: Pipeline, task: Task, weights: dict, step: int, path: Path) -> None:
     with path.open("a") as rows:
         for name, params in weights.items():
-            values = {key: float(value) for key, value in evaluate(swap_weights(viewer, params)).items()}
+            values = {key: float(value) for key, value in evaluate(swap_weights(viewer, task, params)).items()}
             rows.write(json.dumps({"step": step, "weights": name, **values}) + "\n")
     log.info("step %d: evaluated %s", step, " and ".join(weights))
 

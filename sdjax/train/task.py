@@ -15,6 +15,7 @@ from sdjax import schedules
 from sdjax.errors import ConfigError
 from sdjax.images import to_unit_range
 from sdjax.models.components import COMPONENTS
+from sdjax.train.adapters import LoRASpec, lora_spec
 from sdjax.train.config import TrainConfig
 from sdjax.train.latents import make_moments_encoder
 from sdjax.train.losses import LossFn, make_diffusion_loss, make_vae_loss
@@ -30,7 +31,8 @@ DECODER_PARTS = ("post_quant_conv", "decoder")  # the VAE params vae_loss.decode
 class Task:
     """configs / raw_configs / scheduler_config / initial_params describe the whole model as it is exported;
     `trainable` and `frozen` are the parts the loss trains and reads; `fingerprint` identifies the architecture
-    of what is trained, so a checkpoint of another model is never resumed."""
+    of what is trained, so a checkpoint of another model is never resumed. `adapter`: a LoRA run's adapters, which
+    are then what is trained, the base components all frozen."""
     stage: str
     configs: dict[str, Any]
     raw_configs: dict[str, dict | None]
@@ -42,6 +44,7 @@ class Task:
     prepare_batch: Callable[[dict[str, Any]], dict[str, Any]]
     encode_moments: Callable | None
     fingerprint: dict[str, Any]
+    adapter: LoRASpec | None = None
 
 
 def component_config(name: str, choice: str, base_config):
@@ -108,8 +111,11 @@ def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
     trained = list(trained_components(config))
     if config.stage == "vae" and config.vae_loss.decoder_only:
         trained = [f"vae.{part}" for part in DECODER_PARTS]
-    return {"stage": config.stage, "trained": trained,
-            "architecture": {name: value.to_dict() for name, value in arch.items()}}
+    found = {"stage": config.stage, "trained": trained,
+             "architecture": {name: value.to_dict() for name, value in arch.items()}}
+    if config.lora.rank:  # what shapes the trained tree (alpha only scales it: a setting, checked as the others)
+        found["lora"] = {"rank": config.lora.rank, "targets": list(config.lora.targets)}
+    return found
 
 
 def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
@@ -155,5 +161,10 @@ def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
         batch = {"moments": to_moments(host), "input_ids": base.tokenize(host["caption"])}
         return {**batch, "loss_mask": jnp.asarray(host["loss_mask"])} if "loss_mask" in host else batch
 
+    if config.lora.rank:  # the adapters are trained; the U-Net and text encoder are read as they are
+        adapter = lora_spec(config.lora, params["unet"])
+        return Task(**{**common, "trainable": adapter.init(params["unet"], jax.random.fold_in(key, len(new)))},
+                    frozen={name: params[name] for name in ("unet", "text_encoder")}, loss_fn=adapter.loss(loss_fn),
+                    prepare_batch=prepare_batch, encode_moments=encode, adapter=adapter)
     return Task(**common, frozen={} if "text_encoder" in trained else {"text_encoder": params["text_encoder"]},
                 loss_fn=loss_fn, prepare_batch=prepare_batch, encode_moments=encode)

@@ -96,7 +96,8 @@ def _tensor(path, name, info, buffer, data_start, size) -> np.ndarray:
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None):
     """Write tensors as .safetensors, atomically: a crash never leaves a half-written file at `path`."""
     header, offset = {}, 0
-    arrays = {name: np.ascontiguousarray(value) for name, value in sorted(tensors.items())}
+    # reshaped: ascontiguousarray makes a 0-d array 1-d, and scalars (kohya's alphas) must keep their shape ()
+    arrays = {name: np.ascontiguousarray(value).reshape(np.shape(value)) for name, value in sorted(tensors.items())}
     for name, value in arrays.items():
         if value.dtype not in _CODES:
             raise WeightsError(f"cannot write tensor {name!r} of dtype {value.dtype} to safetensors")
