@@ -5,8 +5,8 @@ Backends share one signature so speed work changes only this file:
 - "chunked": queries processed in chunks under `lax.map`, memory O(chunk * Lk) instead of O(Lq * Lk);
 - "blocked": one (batch, head) pair at a time, its queries in blocks small enough that the block's scores stay
   in cache, softmax normalised after the value product: XLA:CPU runs the whole-array einsum's score tensor
-  through memory several times, and this 2-4x faster, about torch's SDPA speed on the same CPU
-  (experiments/perf/results/attention_*.md);
+  through memory several times; this runs 3.5x faster, within 10% of torch's SDPA on the same CPU
+  (experiments/perf/results/kernels_*.md);
 - "xla": `jax.nn.dot_product_attention` (fused cuDNN kernel on GPU where available);
 - "auto" (the default): "blocked" on CPU, "xla" on GPU and TPU (a loop over heads would serialise them there).
 """
@@ -19,9 +19,10 @@ from sdjax.errors import InvalidArgumentError
 
 IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla")
 DEFAULT = "auto"
-BLOCK_SCORES = 1 << 18
-"""Scores per query block of the "blocked" backend (1 MiB in float32, a core's L2): 256 queries of 4096 keys. Blocks
-of 2^16-2^20 scores measured within 10% of each other; whole (batch, head) score matrices of 4096^2 1.8x slower."""
+BLOCK_SCORES = 1 << 21
+"""Scores per query block of the "blocked" backend: 512 queries of 4096 keys (8 MiB in float32). Measured on a Zen 4
+EPYC at 4096 tokens: blocks of 2^21-2^22 scores 128 GFLOP/s, 2^20 105, 2^18 67, a whole 4096^2 head 63, the
+einsum over all heads 36, torch's SDPA 136 (experiments/perf/results/)."""
 
 
 def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str = DEFAULT, chunk_size: int = 1024):
