@@ -1,5 +1,5 @@
-"""Min-SNR-gamma loss weighting against uniform weighting (Hang et al., ICCV 2023: gamma = 5 converges markedly
-faster) on the shapes model: prompt adherence along training, 3 training seeds per arm.
+"""Min-SNR-gamma loss weighting against a uniformly weighted v-prediction loss (Hang et al., ICCV 2023: gamma = 5
+converges markedly faster) on the shapes model: prompt adherence along training, 3 training seeds per arm.
 
     python -m experiments.ablate experiments/ablations/min_snr.py
 
