@@ -35,7 +35,10 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 STAGES = ("data", "init", "vae", "base", "unet", "refine", "balance", "decoder", "package")
 DATASET_SIZE, DATASET_SEED, INIT_SEED = 30_000, 0, 0
-SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2"],
+SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", "checkpoint_every=2",
+                                  # One learning-rate schedule for every stage: its numbers are constants of the
+                                  # compiled step, so the unet and refine stages then share one program (cache).
+                                  "optimizer.learning_rate=1e-4", "optimizer.warmup_steps=1"],
          # Smaller networks of the same kinds: the plumbing is the same and they compile in half the time.
          "model": {"unet": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8},
