@@ -776,7 +776,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
                     sdxl_settings=loaded.settings)
 
 
-def _read_folder(folder: Path, dtype, variant: str | None, check_finite: bool) -> single_file.Loaded:
+def _read_folder(folder: Path, dtype, variant: str | None, check_finite: bool) -> diffusers_folder.Loaded:
     """Everything `load_pipeline` reads from a diffusers folder."""
     index = diffusers_folder.read_model_index(folder)
     family = diffusers_folder.model_family(index)  # SD 1.x / 2.x, SDXL base or SDXL refiner
@@ -792,7 +792,7 @@ def _read_folder(folder: Path, dtype, variant: str | None, check_finite: bool) -
                                                     check_finite=check_finite)
     scheduler_config = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizers = {name: folder / TEXT_ENCODERS[name] for name in family if name in TEXT_ENCODERS}
-    return single_file.Loaded(loaded, raw, params, tokenizers, scheduler_config, settings)
+    return diffusers_folder.Loaded(loaded, raw, params, tokenizers, scheduler_config, settings)
 
 
 def load_tokenizer(folder: Path):

@@ -6,6 +6,7 @@ than these (safety checker, feature extractor, image encoder) are not needed and
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.errors import ConfigError, MissingComponentError, WeightsError
+from sdjax.errors import ConfigError, MissingComponentError
 from sdjax.models.components import COMPONENTS, SDXL, SDXL_REFINER, STABLE_DIFFUSION, TEXT_ENCODERS
+from sdjax.sdxl import SDXLSettings
 from sdjax.weights import keymap, tensors
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What `load_pipeline` reads from a model, a folder or a single file: configs and raw config dicts, params,
+    the folder of each text encoder's tokenizer, the scheduler config, and SDXL settings (None for SD 1.x / 2.x)."""
+    configs: dict[str, Any]
+    raw_configs: dict[str, dict]
+    params: dict[str, Any]
+    tokenizer_folders: dict[str, Path]
+    scheduler_config: dict[str, Any]
+    settings: SDXLSettings | None
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -84,11 +98,8 @@ def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: 
     files = tensors.find_weight_files(folder, variant)
     state = with_base_prefix(tensors.read_weights(files), component.base_model_prefix)
     source = ", ".join(str(f) for f in files)
-    broken = [key for key, value in state.items() if check_finite and jnp.issubdtype(value.dtype, jnp.floating)
-              and not np.isfinite(value).all()]  # jnp's test counts bfloat16 as floating, numpy's does not
-    if broken:
-        raise WeightsError(f"{source}: {len(broken)} tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}; the "
-                           f"file is damaged: copy or download it again")
+    if check_finite:
+        tensors.check_finite(state, source)
     return keymap.params_from_state_dict(state, component.param_shapes(config), source=source, dtype=np.dtype(dtype))
 
 

@@ -357,18 +357,6 @@ def builtin_configs(architecture: Architecture, file_shapes: Mapping[str, tuple]
 
 # --- reading ------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Loaded:
-    """What `load_pipeline` needs besides the file: configs and raw config dicts, params, the folder of each
-    text encoder's tokenizer, the scheduler config, and SDXL settings (None for SD 1.x / 2.x)."""
-    configs: dict[str, Any]
-    raw_configs: dict[str, dict]
-    params: dict[str, Any]
-    tokenizer_folders: dict[str, Path]
-    scheduler_config: dict[str, Any]
-    settings: SDXLSettings | None
-
-
 def read_shapes(path: Path) -> tuple[dict[str, tuple], Any]:
     """(shape of every tensor, a function returning all the tensors): a safetensors header is read first, so
     a file of the wrong model fails before gigabytes are read; a pickle needs torch and is read at once."""
@@ -383,7 +371,8 @@ def read_shapes(path: Path) -> tuple[dict[str, tuple], Any]:
 
 
 def read_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                  prediction_type: str | None = None, dtype=np.float32, check_finite: bool = False) -> Loaded:
+                  prediction_type: str | None = None, dtype=np.float32,
+                  check_finite: bool = False) -> diffusers_folder.Loaded:
     """A pipeline's configs, params, tokenizers and scheduler from a single file (see the module docstring)."""
     path = Path(path)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
@@ -408,7 +397,8 @@ def read_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None =
     file_state = read_all()
     for name, (layout, _) in plans.items():
         state = from_original(file_state, layout)
-        _check_finite(state, layout, path, check_finite)
+        if check_finite:
+            tensors.check_finite(state, str(path), _file_names(layout))
         expected = param_shapes(name, loaded.configs[name])
         loaded.params[name] = keymap.params_from_state_dict(state, expected, source=str(path), dtype=np.dtype(dtype))
     return loaded
@@ -441,26 +431,19 @@ def _raise_for(problems: dict[str, list[str]], path: Path, architecture: Archite
                        f"model the file was made from.")
 
 
-def _check_finite(state: dict, layout: Layout, path: Path, check: bool) -> None:
-    if not check:
-        return
-    names = dict(layout.names)
-    names.update({part: name for name, parts in layout.fused.items() for part in parts})
-    broken = sorted({names[key] for key, value in state.items()
-                     if np.issubdtype(np.asarray(value).dtype, np.inexact) and not np.isfinite(value).all()})
-    if broken:
-        raise WeightsError(f"{path}: {len(broken)} tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}; the "
-                           f"file is damaged: copy or download it again")
+def _file_names(layout: Layout) -> dict[str, str]:
+    """diffusers key -> the file's key holding it (a fused one for OpenCLIP's q, k and v)."""
+    return {**layout.names, **{part: name for name, parts in layout.fused.items() for part in parts}}
 
 
-def _builtin(architecture: Architecture, file_shapes: Mapping[str, tuple]) -> Loaded:
+def _builtin(architecture: Architecture, file_shapes: Mapping[str, tuple]) -> diffusers_folder.Loaded:
     """The built-in configs, scheduler and settings of a full-size file (its tokenizers are looked up after its
     shapes are checked)."""
     configs = builtin_configs(architecture, file_shapes)
     raw = {name: {} for name in configs}
     if architecture.settings is not None:
         raw["vae"] = {"force_upcast": True}  # SDXL's VAE overflows in float16; diffusers' config says so
-    return Loaded(configs, raw, {}, {}, dict(architecture.scheduler), architecture.settings)
+    return diffusers_folder.Loaded(configs, raw, {}, {}, dict(architecture.scheduler), architecture.settings)
 
 
 def builtin_tokenizers(architecture: Architecture, path: Path | str) -> dict[str, Path]:
@@ -487,7 +470,7 @@ def builtin_tokenizers(architecture: Architecture, path: Path | str) -> dict[str
     return {name: root / folder for name, folder in folders.items()}
 
 
-def _from_config_folder(architecture: Architecture, config, path: Path) -> Loaded:
+def _from_config_folder(architecture: Architecture, config, path: Path) -> diffusers_folder.Loaded:
     folder = hub.resolve(config, weights=False)
     index = diffusers_folder.read_model_index(folder)
     family = diffusers_folder.model_family(index)
@@ -503,7 +486,7 @@ def _from_config_folder(architecture: Architecture, config, path: Path) -> Loade
         settings = SDXLSettings.from_model_index(index, str(folder / "model_index.json"))
     scheduler = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
     tokenizers = {name: folder / TEXT_ENCODERS[name] for name in family if name in TEXT_ENCODERS}
-    return Loaded(configs, raw, {}, tokenizers, scheduler, settings)
+    return diffusers_folder.Loaded(configs, raw, {}, tokenizers, scheduler, settings)
 
 
 # --- writing ------------------------------------------------------------------------------------------------

@@ -188,3 +188,14 @@ def read_weights(files: list[Path]) -> dict[str, np.ndarray]:
     for file in files:
         state.update(read_safetensors(file) if file.suffix == ".safetensors" else read_torch_pickle(file))
     return state
+
+
+def check_finite(state: dict, source: str, names: dict[str, str] | None = None) -> None:
+    """WeightsError naming the tensors of `state` that hold NaN or inf (by `names[key]` where given: the file's
+    own key names), as read from `source`."""
+    floating = lambda value: np.issubdtype(value.dtype, np.inexact) or value.dtype == ml_dtypes.bfloat16  # noqa: E731
+    broken = sorted({(names or {}).get(key, key) for key, value in state.items()
+                     if floating(np.asarray(value)) and not np.isfinite(value).all()})
+    if broken:
+        raise WeightsError(f"{source}: {len(broken)} tensor(s) hold NaN or inf, e.g. {', '.join(broken[:5])}; the "
+                           f"file is damaged: copy or download it again")

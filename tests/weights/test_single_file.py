@@ -3,6 +3,9 @@ SD 2.x and SDXL folders of tests/fixtures.py. Reference files are written by tes
 reference conversion scripts' key tables, no sdjax code) and checked by diffusers loading them; sdjax must read
 them into the folder's exact params, write them back bit for bit, and write files diffusers loads. Full-size
 architectures are detected from shapes alone (nothing allocated)."""
+import re
+
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -113,6 +116,19 @@ def test_half_precision_export_round_trips(sd1, tmp_path):
     again = tmp_path / "again.safetensors"
     sdjax.load_pipeline(path, config=sd1[0]).save_single_file(again, dtype=np.float16)
     assert_same_file(again, {k: v.astype(np.float16) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_check_finite_names_the_damaged_tensor_by_its_file_key(sd1, tmp_path, dtype):
+    folder, _, _, state, _ = sd1
+    damaged = {key: value.astype(dtype) for key, value in state.items()}
+    key = "first_stage_model.decoder.conv_out.bias"
+    damaged[key] = damaged[key].copy()
+    damaged[key][0] = np.nan
+    path = tmp_path / "damaged.safetensors"
+    tensors.write_safetensors(path, damaged)
+    with pytest.raises(WeightsError, match=rf"1 tensor\(s\) hold NaN or inf, e\.g\. {re.escape(key)}"):
+        sdjax.load_pipeline(path, config=folder, check_finite=True)
 
 
 def test_v_pred_marker_and_prediction_type(sd1, tmp_path):
