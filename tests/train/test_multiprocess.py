@@ -50,14 +50,15 @@ def exported_unet(workdir):
     return load_file(workdir / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_two_processes_train_and_resume_like_one(tiny_overrides, tmp_path):
+def test_two_processes_train_and_resume_like_one(tiny_overrides, compilation_cache, tmp_path):
     workdir = tmp_path / "multi"
     launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=3")
     assert (workdir / "checkpoints" / "2").is_dir()
     # The second launch restores checkpoint 3 (written at the end) and trains on to step 6; the learning rate is
     # constant after warm-up, so the longer budget changes nothing that was computed.
     launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=6", flags=["--allow-changed-settings"])
-    # The reference: one device in this process, the same global batches (2 streams, as 2 processes read them).
+    # The reference: one device in this process, the same global batches (2 streams, as 2 processes read them);
+    # its programs are test_sharded.py's one-device ones, from the package's compilation cache.
     reference = tmp_path / "single"
     run_training(tiny_overrides, reference, *SETTINGS, "num_steps=6", "data.streams=2")
 

@@ -16,19 +16,17 @@ def one_device(tiny_overrides, compilation_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
-def test_a_run_on_a_mesh_trains_the_params_of_one_device(mesh, one_device, tiny_overrides, tmp_path):
-    sharded = run_training(tiny_overrides, tmp_path / "run", *SETTINGS, f"mesh={mesh}")
+def test_a_run_on_a_mesh_trains_the_params_of_one_device(one_device, tiny_overrides, tmp_path):
+    """Both axes at once: the batch split over data x fsdp, the large kernels over fsdp (pure data parallelism is
+    the multi-process test's mesh, tests/train/test_multiprocess.py)."""
+    sharded = run_training(tiny_overrides, tmp_path / "run", *SETTINGS, "mesh=data=2,fsdp=4")
     ours, theirs = jax.tree.leaves(sharded.state.params), jax.tree.leaves(one_device.state.params)
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7, np.abs(a - b).max()
     split = [any(axis == "fsdp" for axis in leaf.sharding.spec) for leaf in ours]
-    if "fsdp=4" in mesh:  # the large kernels are split over fsdp, the small arrays replicated
-        assert any(split) and not all(split)
-    else:
-        assert not any(split)
+    assert any(split) and not all(split)  # the large kernels are split over fsdp, the small arrays replicated
     assert sharded.last_metrics["loss"] == pytest.approx(one_device.last_metrics["loss"], rel=1e-5)
 
 
