@@ -34,6 +34,22 @@ def cpu_model() -> str:
             f"{fields.get('Model', '?')}; {', '.join(units) or 'no AVX-512/AMX'})")
 
 
+def bfloat16_upcast() -> dict[str, bool]:
+    """Whether XLA:CPU computes a bfloat16 matmul / convolution in float32 (converting its operands first), read
+    from the optimised HLO: then bfloat16 cannot be faster than float32 on this backend, whatever the CPU has."""
+    import jax
+    import jax.numpy as jnp
+
+    conv = lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",  # noqa: E731
+                                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    programs = {"dot": (jnp.matmul, (64, 64), (64, 64)), "convolution": (conv, (1, 8, 8, 16), (3, 3, 16, 16))}
+    result = {}
+    for op, (fn, *shapes) in programs.items():
+        hlo = jax.jit(fn).lower(*(jnp.zeros(s, jnp.bfloat16) for s in shapes)).compile().as_text()
+        result[op] = any(f" {op}(" in line and "= f32[" in line for line in hlo.splitlines())
+    return result
+
+
 def cases(dtype_name: str):
     """{name: (sdjax callable, torch callable, flops)} with inputs bound."""
     import jax
@@ -93,9 +109,10 @@ def markdown(rows: list[dict], reps: int) -> str:
     import jax
     import torch
 
+    upcast = ", ".join(f"{op} {'in float32' if yes else 'in bfloat16'}" for op, yes in bfloat16_upcast().items())
     lines = [f"CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
              f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-             f"median of {reps}, interleaved.\n",
+             f"median of {reps}, interleaved. XLA:CPU computes bfloat16 {upcast}.\n",
              "| kernel | dtype | sdjax GFLOP/s | torch GFLOP/s | sdjax / torch time |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['kernel']} | {row['dtype']} | {row['flops'] / row['sdjax'] / 1e9:.1f} | "
