@@ -10,7 +10,9 @@ from sdjax.errors import MissingComponentError, OfflineError
 _HUB_PATTERNS = ["model_index.json", "*/config.json", "scheduler/*.json", "tokenizer/*", "tokenizer_2/*",
                  "unet/diffusion_pytorch_model{v}.safetensors*", "vae/diffusion_pytorch_model{v}.safetensors*",
                  "text_encoder/model{v}.safetensors*", "text_encoder_2/model{v}.safetensors*"]  # _2: SDXL's
-_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")  # a missing file named like this is no hub id
+# Single-file checkpoints (sdjax.weights.single_file reads them); a missing file named like one is no hub id.
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
 def resolve(path_or_hub_id: str | os.PathLike, variant: str | None = None, *, weights: bool = True) -> Path:
@@ -21,7 +23,8 @@ def resolve(path_or_hub_id: str | os.PathLike, variant: str | None = None, *, we
     if path.exists():
         return path
     text = str(path_or_hub_id)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")) or text.endswith(_FILE_SUFFIXES):
+    looks_like_a_file = text.endswith(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or looks_like_a_file:
         raise MissingComponentError(f"{text}: no such file or folder, and not a hub id of the form 'owner/name'")
     return _download(text, variant, weights)
 

@@ -51,8 +51,6 @@ from sdjax.weights import diffusers_folder, hub, keymap, tensors
 
 log = logging.getLogger(__name__)
 
-SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 V_PRED_KEY = "v_pred"  # ComfyUI marks v-prediction checkpoints with this empty tensor
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -361,13 +359,13 @@ def read_shapes(path: Path) -> tuple[dict[str, tuple], Any]:
     """(shape of every tensor, a function returning all the tensors): a safetensors header is read first, so
     a file of the wrong model fails before gigabytes are read; a pickle needs torch and is read at once."""
     suffix = path.suffix.lower()
-    if suffix in SAFETENSORS_SUFFIXES:
+    if suffix in hub.SAFETENSORS_SUFFIXES:
         return tensors.safetensors_shapes(path), lambda: tensors.read_safetensors(path)
-    if suffix in PICKLE_SUFFIXES:
+    if suffix in hub.PICKLE_SUFFIXES:
         state = tensors.read_torch_pickle(path)
         return {k: v.shape for k, v in state.items()}, lambda: state
     raise WeightsError(f"{path}: not a checkpoint file sdjax reads (.safetensors, or a PyTorch pickle "
-                       f"{', '.join(PICKLE_SUFFIXES)}); for a diffusers model pass its folder")
+                       f"{', '.join(hub.PICKLE_SUFFIXES)}); for a diffusers model pass its folder")
 
 
 def read_pipeline(path: str | os.PathLike, *, config: str | os.PathLike | None = None,
