@@ -25,9 +25,9 @@ from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_un
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION, TEXT_ENCODERS
 from sdjax.models.vae import scale_latents, unscale_latents
-from sdjax.sampling_plan import SamplingPlan, plan_from_names
+from sdjax.sampling_plan import SamplingPlan, check_denoising_fractions, plan_from_names
 from sdjax.tokenizer import clip_tokenizer_class, save_tokenizer
-from sdjax.scheduler_config import CLASS_DEFAULTS, plan_from_scheduler_config, resolve_config
+from sdjax.scheduler_config import CLASS_DEFAULTS, HANDOFF_CLASSES, plan_from_scheduler_config, resolve_config
 from sdjax.weights import diffusers_folder, hub, single_file
 
 log = logging.getLogger(__name__)
@@ -87,18 +87,24 @@ class Pipeline:
     # --- contract methods --------------------------------------------------------------------------------
 
     def encode_prompt(self, prompts: Sequence[str], *, clip_skip: int | None = None,
-                      prompt_syntax: str = "diffusers") -> jax.Array | tuple[jax.Array, jax.Array]:
+                      prompt_syntax: str = "diffusers",
+                      prompts_2: Sequence[str] | None = None) -> jax.Array | tuple[jax.Array, jax.Array]:
         """Text embeddings (N, 77, D) for a list of prompts; `clip_skip=1` uses the penultimate layer.
         With prompt_syntax="a1111" (`sdjax.prompt_syntax`): emphasis weights applied, (N, 77 * K, D) for prompts
         of up to K chunks of 75 tokens.
         SDXL: (prompt_embeds (N, 77, D), pooled_prompt_embeds (N, P)) as diffusers' StableDiffusionXLPipeline
-        encodes them (`sdxl.encode_text`; clip_skip counts from the penultimate layer)."""
-        if isinstance(prompts, str):
+        encodes them (`sdxl.encode_text`; clip_skip counts from the penultimate layer); `prompts_2` for the second
+        text encoder (diffusers' prompt_2; default: `prompts`)."""
+        if isinstance(prompts, str) or isinstance(prompts_2, str):
             raise InvalidArgumentError("prompts must be a list of strings, got a single string; wrap it in [...]")
+        self._check_prompt_2(prompts_2)
         params = self._params_with_loras()
         if self.sdxl_settings is not None:
             self._check_sdxl_call(prompt_syntax=prompt_syntax)
-            conditioning = self._text_fn(params, self._sdxl_ids(prompts), clip_skip=clip_skip)
+            if prompts_2 is not None and len(prompts_2) != len(prompts):
+                raise InvalidArgumentError(f"prompts_2 has {len(prompts_2)} entries for {len(prompts)} prompts")
+            ids = self._sdxl_ids(prompts, prompts if prompts_2 is None else prompts_2)
+            conditioning = self._text_fn(params, ids, clip_skip=clip_skip)
             return conditioning["encoder_hidden_states"], conditioning["text_embeds"]
         if syntax.check_syntax(prompt_syntax) == "diffusers":
             return self._text_fn(params, self.tokenize(prompts), clip_skip=clip_skip)["encoder_hidden_states"]
@@ -260,7 +266,9 @@ class Pipeline:
         return self.prepare(prompt, negative_prompt, **settings).run(show_progress)
 
     def prepare(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                steps: int = 30, guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                prompt_2: str | Sequence[str] | None = None, negative_prompt_2: str | Sequence[str] | None = None,
+                denoising_start: float | None = None, denoising_end: float | None = None, steps: int = 30,
+                guidance_scale: float | None = None, guidance_rescale: float = 0.0,
                 sampler: str | None = None, schedule: str | None = None, sampler_options: Mapping | None = None,
                 seed: int = 0, seeds: Sequence[int] | None = None, latents=None, height: int | None = None,
                 width: int | None = None, num_images: int = 1, clip_skip: int | None = None,
@@ -286,8 +294,17 @@ class Pipeline:
         SDXL only (diffusers' names; `sdjax.sdxl`): original_size, crops_coords_top_left, target_size as (height,
         width) / (top, left), defaulting to the output size and (0, 0); the refiner's aesthetic_score (6.0) in place
         of target_size; negative_* for the unconditional half of guidance, each defaulting to its positive value.
-        With no negative_prompt and the folder's force_zeros_for_empty_prompt, the unconditional text embeddings are
-        zeros.
+        prompt_2, negative_prompt_2 (SDXL base): what the second text encoder reads, defaulting (when None or "")
+        to prompt and negative_prompt, as in diffusers.
+        With no negative prompt (neither negative_prompt nor negative_prompt_2) and the folder's
+        force_zeros_for_empty_prompt, the unconditional text embeddings are zeros.
+        denoising_end (0 < d < 1): stop where diffusers' denoising_end stops (the steps whose timestep is at
+        least round((1 - d) * num_train_timesteps)) and return the partly denoised latents in the scheduler's own
+        scaling, for a second model to finish with denoising_start (an "ensemble of expert denoisers"); the images
+        are those latents decoded, as diffusers' output_type="np" gives them.
+        denoising_start (0 < d < 1): `latents` are such partly denoised latents; run only the steps whose timestep
+        is below round((1 - d) * num_train_timesteps), adding no noise (`img2img(latents, ..., denoising_start=)`
+        says the same). Both need the folder's scheduler config (`sampling_plan.SamplingPlan.for_denoising`).
         lora_scales: {name: scale} for this call, for unmerged LoRAs (`load_lora`); the others keep their own scales.
         """
         micro = dict(original_size=original_size, crops_coords_top_left=crops_coords_top_left,
@@ -296,6 +313,7 @@ class Pipeline:
                      negative_target_size=negative_target_size, aesthetic_score=aesthetic_score,
                      negative_aesthetic_score=negative_aesthetic_score)
         sdxl.check_arguments(self.sdxl_settings, micro)
+        self._check_prompt_2(prompt_2, negative_prompt_2)
         if self.sdxl_settings is not None:
             self._check_sdxl_call(control, edit, prompt_syntax)
         if guidance_scale is None:
@@ -305,18 +323,22 @@ class Pipeline:
             pixels = image_to_model_range(edit.image)
             height, width = pixels.shape[1:3]
             plan = plan if edit.strength == 1.0 else plan.for_strength(edit.strength)
+        if denoising_start is not None or denoising_end is not None:
+            plan = self._handoff_plan(plan, denoising_start, denoising_end, latents, edit)
         if latents is not None and height is None and width is None:  # the size the latents are for
             if np.ndim(latents) != 4:
                 raise InvalidArgumentError(f"latents must be (N, h, w, c), got shape {np.shape(latents)}")
             factor = self.configs["vae"].downscale_factor
             height, width = (factor * side for side in np.shape(latents)[1:3])
-        request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width)
+        request = self._request(prompt, negative_prompt, num_images, seed, seeds, height, width, prompt_2,
+                                negative_prompt_2)
         if self.is_embedded:
             embedded.warn_unknown_words(self.tokenizer.get_vocab(), request.prompts)
         inputs = self._inputs(request, plan, guidance_scale, guidance_rescale, latents, prompt_syntax)
         if self.sdxl_settings is not None:
+            has_negative = negative_prompt is not None or negative_prompt_2 is not None
             inputs.update(sdxl.conditioning_inputs(self.sdxl_settings, request.count, request.height, request.width,
-                                                   negative_prompt is not None, **micro))
+                                                   has_negative, **micro))
         spec = dict(batch_invariant=batch_invariant, guess_mode=guess_mode)
         if edit is not None:
             images = broadcast_batch(pixels, request.count, "image")
@@ -338,13 +360,30 @@ class Pipeline:
         return Generation(self, request, plan, params, inputs, program)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
-                noise=None, **settings) -> "GenerationResult":
+                noise=None, denoising_start: float | None = None, **settings) -> "GenerationResult":
         """Image to image: the image's latents are noised to the `strength` point of the schedule and denoised
         from there (strength 1 ignores the image). `image`: a path, a PIL image or an array
         (H, W, 3) or (N or 1, H, W, 3), uint8 or float in [0, 1] (as masks and control images); the VAE posterior mean
         is used, so the result depends only on the image and the seeds. `noise` replaces the seeded noise;
-        `settings` are generate's."""
-        return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, None, strength), **settings)
+        `settings` are generate's.
+
+        With denoising_start, `image` is instead the partly denoised latents (N, h, w, c) of a
+        `generate(..., denoising_end=)` call (or its GenerationResult), continued from that point of the schedule
+        without new noise; strength is then ignored, as in diffusers' StableDiffusionXLImg2ImgPipeline."""
+        if denoising_start is None:
+            return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, None, strength),
+                                 **settings)
+        if noise is not None:
+            raise InvalidArgumentError("noise cannot be used with denoising_start: the latents are continued "
+                                       "without new noise")
+        latents = image.latents if isinstance(image, GenerationResult) else image
+        channels = self.configs["vae"].latent_channels
+        if np.ndim(latents) != 4 or np.shape(latents)[-1] != channels:
+            raise InvalidArgumentError(f"with denoising_start, image must be the partly denoised latents (N, h, w, "
+                                       f"{channels}) of a generate(..., denoising_end=) call, got an image or "
+                                       f"array of shape {np.shape(latents)}")
+        return self.generate(prompt, negative_prompt, latents=latents, denoising_start=denoising_start,
+                             **settings)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 1.0,
                 noise=None, **settings) -> "GenerationResult":
@@ -378,33 +417,32 @@ class Pipeline:
             inputs["masked_image_latents"] = self._encode_checked(masked)
         return inputs
 
-    def _request(self, prompt, negative_prompt, num_images, seed, seeds, height, width) -> "Request":
+    def _request(self, prompt, negative_prompt, num_images, seed, seeds, height, width, prompt_2=None,
+                 negative_prompt_2=None) -> "Request":
         prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else []
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidArgumentError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""]
-        if not all(isinstance(n, str) for n in negatives):
-            raise InvalidArgumentError(f"negative_prompt must be a string or a list of strings, got "
-                                       f"{negative_prompt!r}")
-        if len(negatives) not in (1, len(prompts)):
-            raise InvalidArgumentError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        negatives = negatives * len(prompts) if len(negatives) == 1 else list(negatives)
+        negatives = per_prompt(negative_prompt or "", "negative_prompt", len(prompts))
+        # diffusers' rule: an empty or missing second prompt is the first one
+        prompts_2 = per_prompt(prompt_2 or prompts, "prompt_2", len(prompts))
+        negatives_2 = per_prompt(negative_prompt_2 or negatives, "negative_prompt_2", len(prompts))
         if not isinstance(num_images, int) or num_images < 1:
             raise InvalidArgumentError(f"num_images must be a positive integer, got {num_images!r}")
         if seeds is not None and len(prompts) == 1 and num_images == 1:
             num_images = len(seeds)  # one prompt, several seeds: one image per seed
-        prompts = [p for p in prompts for _ in range(num_images)]
-        negatives = [n for n in negatives for _ in range(num_images)]
+        repeat = lambda texts: [text for text in texts for _ in range(num_images)]
+        prompts, negatives, prompts_2, negatives_2 = map(repeat, (prompts, negatives, prompts_2, negatives_2))
         if seeds is None:
             seeds = [check_seed(seed) + i for i in range(len(prompts))]
         elif len(seeds) != len(prompts):
             raise InvalidArgumentError(f"seeds has {len(seeds)} entries for {len(prompts)} images")
         height, width = self._image_size(height, width)
-        return Request(prompts, negatives, [check_seed(s) for s in seeds], height, width)
+        return Request(prompts, negatives, [check_seed(s) for s in seeds], height, width, prompts_2, negatives_2)
 
     def _image_size(self, height, width) -> tuple[int, int]:
         factor = self.configs["vae"].downscale_factor
-        default = self.raw_configs.get("unet", {}).get("sample_size", 64) * factor
+        # diffusers' UNet2DConditionModel writes sample_size null unless given one; SD's is 64
+        default = (self.raw_configs.get("unet", {}).get("sample_size") or 64) * factor
         return check_image_size(height or default, width or default, factor)
 
     def _check_sdxl_call(self, control=None, edit: "Edit | None" = None, prompt_syntax: str = "diffusers") -> None:
@@ -421,15 +459,47 @@ class Pipeline:
                                        f"supported with SDXL pipelines yet; txt2img and img2img are, with plain "
                                        f"prompts (prompt_syntax='diffusers')")
 
-    def _sdxl_ids(self, prompts: Sequence[str]) -> dict:
-        """{text encoder name: ids (N, 77) from its own tokenizer} (SDXL's tokenizer_2 pads differently)."""
-        return {name: self.tokenize(prompts, self.tokenizers[name]) for name in self.text_encoders}
+    def _handoff_plan(self, plan: SamplingPlan, start, end, latents, edit: "Edit | None") -> SamplingPlan:
+        """The plan cut by denoising_start / denoising_end, after checking the call can take them."""
+        check_denoising_fractions(start, end)
+        if start is not None and (latents is None or edit is not None):
+            raise InvalidArgumentError("denoising_start continues partly denoised latents: pass them as latents= "
+                                       "(or to img2img(latents, ..., denoising_start=)), without an image to edit")
+        if edit is not None and edit.mask is not None:
+            raise InvalidArgumentError("denoising_end with inpainting (a mask) is not supported")
+        if plan.timesteps is None:
+            raise InvalidArgumentError(
+                f"denoising_start / denoising_end cut the schedule at diffusers' timesteps, which sdjax reproduces "
+                f"for the folder's own scheduler config of class {', '.join(HANDOFF_CLASSES)}; this call runs "
+                f"sampler {plan.sampler!r}, schedule {plan.schedule!r}: leave sampler= and schedule= unset, with "
+                f"one of those classes in scheduler/scheduler_config.json")
+        return plan.for_denoising(start, end, len(self.alphas_cumprod))
+
+    def _check_prompt_2(self, *given) -> None:
+        """Refuse second prompts where there is no second text encoder to read them."""
+        if all(value is None for value in given):
+            return
+        if self.sdxl_settings is None:
+            raise InvalidArgumentError("prompt_2 / negative_prompt_2 are for SDXL's second text encoder; this SD "
+                                       "1.x / 2.x pipeline has one text encoder")
+        if "text_encoder" not in self.text_encoders:
+            raise InvalidArgumentError("prompt_2 / negative_prompt_2 cannot be used with this SDXL model: it has one "
+                                       "text encoder (text_encoder_2, the refiner's), which reads prompt and "
+                                       "negative_prompt (diffusers ignores prompt_2 here)")
+
+    def _sdxl_ids(self, prompts: Sequence[str], prompts_2: Sequence[str]) -> dict:
+        """{text encoder name: ids (N, 77) from its own tokenizer} (SDXL's tokenizer_2 pads differently); the
+        base's text_encoder_2 reads `prompts_2` (the refiner's, its only encoder, `prompts`)."""
+        second = prompts_2 if "text_encoder" in self.text_encoders else prompts
+        return {name: self.tokenize(second if name == "text_encoder_2" else prompts, self.tokenizers[name])
+                for name in self.text_encoders}
 
     def _text_inputs(self, request: "Request", prompt_syntax: str) -> dict:
         """cond_ids, uncond_ids (N, 77 * K), and with the a1111 syntax cond_weights, uncond_weights (N, K, 77);
         for SDXL, cond_ids and uncond_ids are {text encoder name: (N, 77)}."""
         if self.sdxl_settings is not None:
-            return {"cond_ids": self._sdxl_ids(request.prompts), "uncond_ids": self._sdxl_ids(request.negatives)}
+            return {"cond_ids": self._sdxl_ids(request.prompts, request.prompts_2),
+                    "uncond_ids": self._sdxl_ids(request.negatives, request.negatives_2)}
         if syntax.check_syntax(prompt_syntax) == "diffusers":
             return {"cond_ids": self.tokenize(request.prompts), "uncond_ids": self.tokenize(request.negatives)}
         (cond, cond_weights), (uncond, uncond_weights) = syntax.a1111_inputs(
@@ -490,7 +560,10 @@ class Pipeline:
                                   settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
                                                 sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
                                                 guidance_scale=float(inputs["guidance_scale"][0]),
-                                                height=request.height, width=request.width),
+                                                height=request.height, width=request.width,
+                                                **({"prompts_2": request.prompts_2,
+                                                    "negative_prompts_2": request.negatives_2}
+                                                   if self.sdxl_settings is not None else {})),
                                   seconds=time.perf_counter() - started, compile_seconds=compile_seconds)
         if not finite.all():
             raise self._non_finite_error(result, finite, params)
@@ -642,6 +715,8 @@ class Request:
     seeds: list[int]
     height: int
     width: int
+    prompts_2: list[str]  # SDXL's second text encoder's (the prompts unless prompt_2 was given)
+    negatives_2: list[str]
 
     @property
     def count(self) -> int:
@@ -690,6 +765,16 @@ class GenerationResult:
     settings: dict
     seconds: float  # sampling and decoding, compilation excluded
     compile_seconds: float = 0.0
+
+
+def per_prompt(value, name: str, count: int) -> list[str]:
+    """A string, or a list of one or `count` strings, as `count` strings."""
+    texts = list(value) if isinstance(value, (list, tuple)) else [value]
+    if not texts or not all(isinstance(text, str) for text in texts):
+        raise InvalidArgumentError(f"{name} must be a string or a list of strings, got {value!r}")
+    if len(texts) not in (1, count):
+        raise InvalidArgumentError(f"{name} has {len(texts)} entries for {count} prompts")
+    return texts * count if len(texts) == 1 else texts
 
 
 def broadcast_batch(array, count: int, name: str):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import numbers
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +34,10 @@ class SamplingPlan:
     truncated timesteps); `sdjax.denoisers.pin_timesteps` applies them.
     ve_latents: the final x goes to the VAE as it is instead of as x / sqrt(1 + sigmas[-1]^2) (diffusers'
     Euler-family schedulers do this; it differs only for grids ending above 0).
+    timesteps: diffusers' timestep of each step (scheduler.timesteps), on plans whose denoising_start /
+    denoising_end cut sdjax reproduces (`for_denoising`); None elsewhere.
+    ve_handoff: the scheduler keeps its latents in VE scaling (diffusers' Euler family), so the latents handed
+    from a denoising_end stage to a denoising_start stage are VE; else VP.
     """
     sampler: str
     sigmas: np.ndarray
@@ -42,6 +47,8 @@ class SamplingPlan:
     schedule: str | None = None
     model_timesteps: np.ndarray | None = None
     ve_latents: bool = False
+    timesteps: np.ndarray | None = None
+    ve_handoff: bool = False
 
     def __post_init__(self):
         get_sampler(self.sampler)  # fail early on an unknown name (internal names are valid in a plan)
@@ -68,13 +75,65 @@ class SamplingPlan:
         if kept == 0:
             raise InvalidArgumentError(f"strength={strength} with steps={self.steps} leaves no step to run; "
                                        f"raise strength or steps")
-        start = self.steps - kept
+        return self._steps(self.steps - kept, self.steps)
+
+    def for_denoising(self, start: float | None, end: float | None, num_train_timesteps: int) -> "SamplingPlan":
+        """The steps diffusers' SDXL pipelines run with denoising_start and/or denoising_end (fractions checked by
+        `check_denoising_fractions`): each becomes the timestep cutoff round((1 - d) * num_train_timesteps);
+        denoising_start keeps the steps whose timestep lies below it, denoising_end those at or above it. The
+        latents of a start are taken as they are (`init_noise_sigma` converts them to VE), and those of an end
+        are returned in the scheduler's own scaling (`ve_handoff`)."""
+        if self.timesteps is None:
+            raise InvalidArgumentError("denoising_start / denoising_end need a plan with diffusers' timesteps (one "
+                                       "from a supported scheduler config)")
+        timesteps = np.asarray(self.timesteps, np.float32)  # diffusers compares its float32 timesteps
+        cutoff = lambda fraction: int(round(num_train_timesteps - fraction * num_train_timesteps))
+        first = 0 if start is None else self.steps - int(np.sum(timesteps < cutoff(start)))
+        stop = self.steps if end is None else max(int(np.sum(timesteps >= cutoff(end))), first)
+        if stop == first:
+            given = ", ".join(f"{name}={value}" for name, value in (("denoising_start", start),
+                                                                     ("denoising_end", end)) if value is not None)
+            raise InvalidArgumentError(f"{given} with steps={self.steps} leaves no step to run (timesteps "
+                                       f"{timesteps.tolist()}); move the cut or raise steps")
+        plan = self._steps(first, stop)
+        if start is not None:  # the handed-over latents, unscaled: VE already, or VP at the first sigma
+            plan = dataclasses.replace(plan, init_noise_sigma=1.0 if self.ve_handoff
+                                       else float(np.sqrt(1.0 + plan.sigmas[0] ** 2)))
+        if end is not None:
+            plan = dataclasses.replace(plan, ve_latents=self.ve_latents or self.ve_handoff)
+        return plan
+
+    def _steps(self, first: int, stop: int) -> "SamplingPlan":
+        """Steps [first, stop) of the plan, run as diffusers runs them: a fresh start at `first` (multistep
+        history empty), and, when `stop` cuts the grid short, none of the rules for the final steps."""
         options = dict(self.options)
         if "targets" in options:  # ddim_fixed_stride: one target noise level per step
-            options["targets"] = tuple(options["targets"])[start:]
+            options["targets"] = tuple(options["targets"])[first:stop]
         if "steps_before" in inspect.signature(get_sampler(self.sampler)).parameters:
-            options["steps_before"] = start  # a per-step pattern fixed by the full schedule (dpmpp_singlestep)
-        return dataclasses.replace(self, sigmas=self.sigmas[start:], options=tuple(sorted(options.items())))
+            # a per-step pattern fixed by the full schedule (dpmpp_singlestep)
+            options["steps_before"] = options.get("steps_before", 0) + first
+        if stop < self.steps:
+            # diffusers lowers the order of its schedule's last steps (counted over the whole schedule), which a
+            # cut-off stage never reaches; the sampler would lower the order of the cut grid's last steps instead.
+            if options.get("lower_order_final") and self.sampler == "dpmpp_3m_sde" and stop == self.steps - 1:
+                raise InvalidArgumentError("denoising_end one step before the end with solver_order=3 and "
+                                           "lower_order_final (diffusers then lowers the order of the cut's last "
+                                           "step to 2) is not supported; cut elsewhere")
+            options.update({key: False for key in ("lower_order_final", "euler_at_final") if key in options})
+        timesteps = None if self.timesteps is None else np.asarray(self.timesteps)[first:stop]
+        return dataclasses.replace(self, sigmas=self.sigmas[first:stop + 1], options=tuple(sorted(options.items())),
+                                   timesteps=timesteps)
+
+
+def check_denoising_fractions(start, end) -> None:
+    """InvalidArgumentError unless each given fraction is a number strictly between 0 and 1 and start < end."""
+    for name, value in (("denoising_start", start), ("denoising_end", end)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                  or not 0.0 < value < 1.0):
+            raise InvalidArgumentError(f"{name} must be a number strictly between 0 and 1 (the fraction of the "
+                                       f"schedule where the stage starts or ends), got {value!r}")
+    if start is not None and end is not None and start >= end:
+        raise InvalidArgumentError(f"denoising_start={start} must be below denoising_end={end}")
 
 
 def plan_from_names(sampler: str | None, schedule: str | None, steps: int, alphas_cumprod: np.ndarray,

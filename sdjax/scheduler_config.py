@@ -28,6 +28,7 @@ ConfigError naming the key, its value and what is supported. Known, deliberate d
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Mapping
 
@@ -276,7 +277,8 @@ def _euler_family_plan(config, steps, table, rule) -> SamplingPlan:
     leading = config["timestep_spacing"] == "leading"
     return SamplingPlan(sampler, np.append(sigmas, final), _options(options),
                         init_noise_sigma=math.sqrt(sigma_max**2 + 1) if leading else sigma_max,
-                        quantize_timesteps=quantize, model_timesteps=pinned, ve_latents=final > 0)
+                        quantize_timesteps=quantize, model_timesteps=pinned, ve_latents=final > 0,
+                        timesteps=timesteps, ve_handoff=True)
 
 
 # ------------------------------------------------------------------------------------------ DDIM, DDPM, PNDM
@@ -306,9 +308,9 @@ def _ddim_plan(config, steps, table, rule) -> SamplingPlan:
     targets = _fixed_stride_targets(config, timesteps, table, _final_alpha_sigma(config, table))
     grid = np.append(sigmas, targets[-1])
     if np.array_equal(targets, grid[1:]):
-        return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid))
+        return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid), timesteps=timesteps)
     return SamplingPlan("ddim_fixed_stride", grid, _options(dict(options, targets=tuple(targets.tolist()))),
-                        init_noise_sigma=_vp_start(grid))
+                        init_noise_sigma=_vp_start(grid), timesteps=timesteps)
 
 
 def _ddpm_plan(config, steps, table, rule) -> SamplingPlan:
@@ -412,7 +414,7 @@ def _solver_plan(config, steps, table, rule) -> SamplingPlan:
         grid = np.append(sigmas, final)
     quantize, pinned = _model_timestep_mapping(name, grid[:-1], timesteps, table)
     return SamplingPlan(sampler, grid, _options(options), init_noise_sigma=_vp_start(grid),
-                        quantize_timesteps=quantize, model_timesteps=pinned)
+                        quantize_timesteps=quantize, model_timesteps=pinned, timesteps=timesteps)
 
 
 # ------------------------------------------------------------------------------------------ class -> sampler
@@ -533,6 +535,12 @@ SCHEDULER_CLASSES: dict[str, tuple[Callable, Callable]] = {
 
 # ------------------------------------------------------------------------------------------ entry points
 
+HANDOFF_CLASSES = ("EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler")
+"""The classes whose denoising_start / denoising_end cut sdjax reproduces (`SamplingPlan.for_denoising`): first
+order in diffusers' sense (one timestep per step) and with no state that a cut stage would hand over. Heun and
+KDPM2 repeat timesteps, UniPC's corrector and the singlestep groups span the cut; the rest are not checked."""
+
+
 def plan_from_scheduler_config(config: Mapping, steps: int, alphas_cumprod: np.ndarray) -> SamplingPlan:
     """The SamplingPlan that reproduces the diffusers scheduler `config` (scheduler_config.json as a dict) at
     `steps` inference steps, for a model trained on `alphas_cumprod` (from
@@ -547,4 +555,7 @@ def plan_from_scheduler_config(config: Mapping, steps: int, alphas_cumprod: np.n
         raise ConfigError(f"{resolved['_class_name']}: num_train_timesteps={resolved['num_train_timesteps']} but "
                           f"alphas_cumprod has {table.size} entries; pass the config's own schedule")
     planner, rule = SCHEDULER_CLASSES[resolved["_class_name"]]
-    return planner(resolved, int(steps), table, rule)
+    plan = planner(resolved, int(steps), table, rule)
+    if resolved["_class_name"] not in HANDOFF_CLASSES:  # no denoising_start / denoising_end cut
+        plan = dataclasses.replace(plan, timesteps=None)
+    return plan

@@ -15,8 +15,17 @@ negative crop corner defaults to (0, 0). sdjax agrees with diffusers wherever di
 the crop corner is left at (0, 0) or given for both halves.
 
 clip_skip likewise applies to both halves of guidance here; diffusers applies it to the prompt only (its negative
-prompts always use the penultimate layer), so the two differ with clip_skip and a negative prompt. Both encoders
-read the same prompt (diffusers' prompt_2 / negative_prompt_2, a different prompt for the second, are not offered).
+prompts always use the penultimate layer), so the two differ with clip_skip and a negative prompt.
+
+prompt_2 / negative_prompt_2 (diffusers' names) give the base's text_encoder_2 its own prompts, each defaulting,
+when None or "", to prompt / negative_prompt, as in diffusers. The refiner refuses them: its one encoder is
+text_encoder_2, which reads prompt (diffusers ignores prompt_2 there). force_zeros_for_empty_prompt applies when
+neither negative prompt is given; diffusers' rule looks at negative_prompt alone, so a negative_prompt_2 given
+without a negative_prompt is ignored there and used here (with "" for the first encoder, as diffusers does when
+the rule is off).
+
+The ensemble of expert denoisers (diffusers' denoising_end on the base, denoising_start on the refiner) is a cut
+of the sampling plan (`sampling_plan.SamplingPlan.for_denoising`), not SDXL-specific.
 """
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """`load_pipeline` on tiny diffusers folders: float32 parity of every contract method with diffusers /
 transformers in torch, export round trips, and the errors bad folders give."""
 import copy
+import json
 import shutil
 
 import jax
@@ -241,3 +242,12 @@ def test_long_prompts_warn_how_many_tokens_are_dropped(sd1_folder):
     with pytest.warns(UserWarning, match=r"prompt 1 has 102 tokens; the text encoder reads 77, so the last 25"):
         embeddings = pipeline.encode_prompt(["a cat", "cat " * 100])
     assert embeddings.shape == (2, 77, 32)
+
+
+def test_a_unet_config_without_sample_size_gets_sd_default_size(broken_copy):
+    """diffusers writes "sample_size": null for a U-Net built without one; the default size is then SD's 64 latents."""
+    config = json.loads((broken_copy / "unet" / "config.json").read_text())
+    (broken_copy / "unet" / "config.json").write_text(json.dumps({**config, "sample_size": None}))
+    call = sdjax.load_pipeline(broken_copy).prepare("a cat", sampler="euler")
+    factor = 2  # the tiny VAE's
+    assert (call.request.height, call.request.width) == (64 * factor, 64 * factor)

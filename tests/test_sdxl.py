@@ -288,3 +288,145 @@ def test_training_an_sdxl_unet_is_refused_with_what_works_instead(base, folders)
     config = load_config(EXPERIMENT, [f"model.pretrained={folders['base'][0]}"])
     with pytest.raises(ConfigError, match="is an SDXL model: .*stage=vae"):
         build_task(config, base[0], jax.random.key(0))
+
+
+def test_prompt_2_matches_diffusers(base):
+    """A second prompt and negative prompt for text_encoder_2 give diffusers' images; from the same compiled
+    program, prompt_2=None, "" and the prompts themselves all give today's default (both encoders read prompt)."""
+    pipeline, reference = base
+    noise = np.random.default_rng(5).normal(size=(2, 16, 16, 4)).astype(np.float32)
+    second = dict(prompt_2="a watercolour of a lighthouse", negative_prompt_2="low quality")
+    ours, images, latents = run_both(pipeline, reference, latents=noise, negative=NEGATIVE, guidance_scale=5.0,
+                                     **second)
+    assert ours.settings["prompts_2"] == [second["prompt_2"]] * 2
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
+    default = pipeline.generate(PROMPTS, NEGATIVE, steps=3, latents=noise, guidance_scale=5.0)
+    assert default.compile_seconds == 0 and errors(default.latents, ours.latents)[0] > 1e-3
+    for same in (dict(prompt_2="", negative_prompt_2=""), dict(prompt_2=PROMPTS, negative_prompt_2=NEGATIVE)):
+        again = pipeline.generate(PROMPTS, NEGATIVE, steps=3, latents=noise, guidance_scale=5.0, **same)
+        assert again.compile_seconds == 0
+        np.testing.assert_array_equal(again.latents, default.latents)
+
+
+def test_denoising_cut_matches_diffusers_timesteps():
+    """denoising_end and denoising_start keep the steps diffusers' SDXL pipelines keep, for each class sdjax cuts,
+    several spacings, step counts and fractions (no model needed: the plans' timesteps against the schedulers')."""
+    from types import SimpleNamespace
+
+    import diffusers
+    from sdjax import schedules
+    from sdjax.scheduler_config import HANDOFF_CLASSES, plan_from_scheduler_config, resolve_config
+
+    for name in HANDOFF_CLASSES:
+        for spacing in ("leading", "linspace", "trailing"):
+            clip = {"clip_sample": False} if name == "DDIMScheduler" else {}  # sdjax refuses DDIM's clipping
+            settings = {**fixtures.SDXL_SCHEDULER, **clip, "timestep_spacing": spacing}
+            scheduler = getattr(diffusers, name)(**settings)
+            config = dict(scheduler.config, _class_name=name)
+            alphas_cumprod = schedules.alphas_cumprod_from_config(resolve_config(config))
+            for steps in (4, 5, 10, 25):
+                plan = plan_from_scheduler_config(config, steps, alphas_cumprod)
+                scheduler.set_timesteps(steps)
+                full = scheduler.timesteps.numpy()
+                for fraction in (0.2, 0.5, 0.6, 0.8, 0.95):
+                    cutoff = round(1000 - fraction * 1000)  # diffusers' denoising_end rule, as in its pipeline
+                    expected = {"end": full[full >= cutoff]}
+                    expected["start"] = pipeline_stable_diffusion_xl_img2img.StableDiffusionXLImg2ImgPipeline \
+                        .get_timesteps(SimpleNamespace(scheduler=scheduler), steps, 1.0, "cpu", fraction)[0].numpy()
+                    for side, kept in expected.items():
+                        cut = {"start": None, "end": None, side: fraction}
+                        if kept.size == 0:
+                            with pytest.raises(InvalidArgumentError, match="leaves no step to run"):
+                                plan.for_denoising(cut["start"], cut["end"], 1000)
+                            continue
+                        ours = plan.for_denoising(cut["start"], cut["end"], 1000)
+                        where = f"{name} {spacing} steps={steps} {side}={fraction}"
+                        np.testing.assert_allclose(ours.timesteps, kept, atol=1e-3, err_msg=where)
+                        assert ours.steps == kept.size, where
+
+
+def scheduler_copy(folder, scheduler, tmp_path, name):
+    """A copy of an SDXL folder with a diffusers scheduler config of another class, and that scheduler."""
+    import shutil
+
+    import diffusers
+    config = getattr(diffusers, scheduler).from_config(json.loads((folder / "scheduler" /
+                                                                   "scheduler_config.json").read_text()))
+    shutil.copytree(folder, tmp_path / name)
+    config.save_config(tmp_path / name / "scheduler")
+    return tmp_path / name, config
+
+
+@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler"])
+def test_base_then_refiner_with_denoising_end_and_start_matches_diffusers(folders, base, refiner, scheduler,
+                                                                          tmp_path):
+    """The ensemble of expert denoisers: the base runs the first 60% of the schedule (denoising_end) and hands its
+    latents, in the scheduler's own scaling (VE for Euler, VP for DPM-Solver++), to the refiner, which runs the rest
+    without new noise (denoising_start). Both stages share a scheduler class, as in diffusers' example; the fixture
+    base has Euler and the refiner DPM-Solver++, so one of them is a copy with the other's."""
+    (base_folder, base_reference), (refiner_folder, refiner_reference) = folders["base"], folders["refiner"]
+    first, second = base[0], refiner[0]
+    if scheduler == "EulerDiscreteScheduler":
+        folder, config = scheduler_copy(refiner_folder, scheduler, tmp_path, "refiner")
+        second = sdjax.load_pipeline(folder)
+        refiner_reference = StableDiffusionXLImg2ImgPipeline(
+            **{**refiner_reference.components, "scheduler": config}, requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False, add_watermarker=False)
+    else:
+        folder, config = scheduler_copy(base_folder, scheduler, tmp_path, "base")
+        first = sdjax.load_pipeline(folder)
+        base_reference = StableDiffusionXLPipeline(**{**base_reference.components, "scheduler": config},
+                                                   add_watermarker=False)
+    prompt, steps, split = PROMPTS[1], 5, 0.6
+    noise = torch_noise((1, 16, 16, 4), 6)
+    stage_1 = first.generate(prompt, NEGATIVE[0], steps=steps, guidance_scale=5.0, latents=noise,
+                             denoising_end=split)
+    handed, decoded = (base_reference(prompt, negative_prompt=NEGATIVE[0], num_inference_steps=steps,
+                                      guidance_scale=5.0, latents=nchw(noise), denoising_end=split,
+                                      output_type=kind).images for kind in ("latent", "np"))
+    # 5 leading timesteps, Euler's 801 ... 1 and DPM-Solver's 831 ... 167, both put 3 at or above 400
+    assert stage_1.settings["steps"] == 3
+    assert_close(stage_1.latents, nhwc(handed), LATENT_TOLERANCE)
+    check_images(stage_1.images, decoded)  # the partly denoised latents decoded as they are, as diffusers does
+
+    final = second.img2img(stage_1, prompt, steps=steps, guidance_scale=5.0, denoising_start=split)
+    assert final.settings["steps"] == 2
+    theirs = {kind: refiner_reference(prompt, image=handed, num_inference_steps=steps, guidance_scale=5.0,
+                                      denoising_start=split, output_type=kind).images for kind in ("latent", "np")}
+    assert_close(final.latents, nhwc(theirs["latent"]), LATENT_TOLERANCE)
+    check_images(final.images, theirs["np"])
+
+
+def test_bad_prompt_2_and_denoising_values_are_refused_before_compiling(base, refiner, sd1_folder):
+    pipeline, _ = base
+    compiled = len(pipeline._executables), len(refiner[0]._executables)
+    latents = np.zeros((1, 16, 16, 4), np.float32)
+    cases = [
+        (lambda: refiner[0].img2img(np.zeros((1, SIZE, SIZE, 3), np.uint8), "a cat", prompt_2="a dog"),
+         "prompt_2 / negative_prompt_2 cannot be used with this SDXL model: it has one text encoder"),
+        (lambda: pipeline.generate(["a cat", "a dog"], prompt_2=["x", "y", "z"]), "prompt_2 has 3 entries for 2"),
+        (lambda: pipeline.generate("a cat", negative_prompt_2=[1]), "negative_prompt_2 must be a string or a list"),
+        (lambda: pipeline.generate("a cat", denoising_end=1.0), "denoising_end must be a number strictly between"),
+        (lambda: pipeline.generate("a cat", denoising_end=0), "denoising_end must be a number strictly between"),
+        (lambda: pipeline.generate("a cat", denoising_end=True), "denoising_end must be a number strictly between"),
+        (lambda: pipeline.img2img(latents, "a cat", denoising_start=-0.2),
+         "denoising_start must be a number strictly between"),
+        (lambda: pipeline.generate("a cat", latents=latents, denoising_start=0.8, denoising_end=0.5),
+         "denoising_start=0.8 must be below denoising_end=0.5"),
+        (lambda: pipeline.generate("a cat", denoising_start=0.5), "denoising_start continues partly denoised latents"),
+        (lambda: pipeline.img2img(latents, "a cat", denoising_start=0.5, noise=latents),
+         "noise cannot be used with denoising_start"),
+        (lambda: pipeline.generate("a cat", steps=5, denoising_end=0.1),
+         r"denoising_end=0.1 with steps=5 leaves no step to run \(timesteps \[801.0, 601.0"),
+        (lambda: pipeline.generate("a cat", sampler="euler", denoising_end=0.8),
+         "denoising_start / denoising_end cut the schedule at diffusers' timesteps, .* EulerDiscreteScheduler"),
+        (lambda: pipeline.img2img(np.zeros((1, SIZE, SIZE, 3), np.uint8), "a cat", denoising_start=0.5),
+         r"with denoising_start, image must be the partly denoised latents \(N, h, w, 4\)"),
+    ]
+    for call, message in cases:
+        with pytest.raises(InvalidArgumentError, match=message):
+            call()
+    assert (len(pipeline._executables), len(refiner[0]._executables)) == compiled
+    with pytest.raises(InvalidArgumentError, match="prompt_2 / negative_prompt_2 are for SDXL's second"):
+        sdjax.load_pipeline(sd1_folder[0]).generate("a cat", sampler="euler", prompt_2="a dog")
