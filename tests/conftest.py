@@ -51,3 +51,20 @@ def without_torch(monkeypatch):
         return real_import(name, *args, **kwargs)
 
     return lambda: monkeypatch.setattr(builtins, "__import__", refuse_torch)
+
+
+@pytest.fixture(scope="module")
+def transformers_peft_gate():
+    """transformers 5.24 refuses its adapter methods (which diffusers' text-encoder LoRA loading calls) below PEFT
+    0.22, a version gate; the newest PEFT on the package registry here is 0.21.2, whose API those methods use as
+    they need. Lower the gate to the installed version while a module using this fixture runs (a no-op with PEFT
+    >= 0.22)."""
+    import importlib.metadata
+
+    import transformers.integrations.peft as transformers_peft
+    from packaging.version import Version
+    installed = importlib.metadata.version("peft")
+    with pytest.MonkeyPatch.context() as patch:
+        if Version(installed) < Version(transformers_peft.MIN_PEFT_VERSION):
+            patch.setattr(transformers_peft, "MIN_PEFT_VERSION", installed)
+        yield

@@ -4,14 +4,11 @@ diffusers' `save_lora_weights` (its LoraConfig in the file's metadata), one in k
 the torch module names, and one in diffusers' pre-PEFT key form. Checked: U-Net and text encoder outputs, whole
 generations from the same noise with two adapters at once, scale changes without recompilation, merging and
 unloading back to the original weights bitwise, and the errors."""
-import importlib.metadata
-
 import jax
 import numpy as np
 import pytest
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-from packaging.version import Version
 from safetensors.torch import save_file
 
 import sdjax
@@ -20,7 +17,8 @@ from tests.fixtures import assert_images_match, nchw
 from tests.models import errors, nhwc
 
 peft = pytest.importorskip("peft")
-pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # diffusers, 2 adapters
+pytestmark = [pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning"),  # 2 adapters
+              pytest.mark.usefixtures("transformers_peft_gate")]  # diffusers loads text-encoder LoRAs
 
 PROMPT, NEGATIVE = "a photo of a cat", "blurry"
 SIZE = 32  # pixels; latents 16x16
@@ -33,19 +31,6 @@ def assert_close(ours, reference, rel):
     error, max_abs = errors(ours, reference)
     print(f"relative L2 {error:.2e}, max-abs {max_abs:.2e}")
     assert error <= rel, f"relative L2 {error:.2e} (max-abs {max_abs:.2e}) exceeds {rel:.0e}"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def transformers_peft_gate():
-    """transformers 5.24 refuses its adapter methods (which diffusers' text-encoder LoRA loading calls) below PEFT
-    0.22, a version gate; the newest PEFT on the package registry here is 0.21.2, whose API those methods use as
-    they need. Lower the gate to the installed version for this module only (a no-op with PEFT >= 0.22)."""
-    import transformers.integrations.peft as transformers_peft
-    installed = importlib.metadata.version("peft")
-    with pytest.MonkeyPatch.context() as patch:
-        if Version(installed) < Version(transformers_peft.MIN_PEFT_VERSION):
-            patch.setattr(transformers_peft, "MIN_PEFT_VERSION", installed)
-        yield
 
 
 def torch_pipeline(folder) -> StableDiffusionPipeline:

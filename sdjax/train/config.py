@@ -149,8 +149,9 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA training (stage unet): low-rank adapters of chosen U-Net layers are trained, the U-Net itself stays
-    frozen, and the adapter is exported as LoRA files instead of a model folder."""
+    """LoRA training (stage unet): low-rank adapters of chosen U-Net layers (and optionally text encoder layers)
+    are trained, the models themselves stay frozen, and the adapters are exported as LoRA files instead of a model
+    folder."""
     rank: int = option(0, "rank of the adapters; 0 (the default) trains the whole U-Net instead")
     alpha: float = option(0.0, "the adapters' update is scaled by alpha / rank, as in PEFT and kohya; 0 means "
                                "alpha = rank")
@@ -161,21 +162,28 @@ class LoRAConfig:
                                       "(to_q: every attn1.to_q and attn2.to_q; attn2\\.to_k: cross-attention "
                                       "keys only; up_blocks\\.1\\..*to_v: those of up_blocks.1); --set separates "
                                       "them with |, so give alternatives as separate items")
+    # diffusers' --train_text_encoder adapts q_proj, k_proj, v_proj and out_proj.
+    text_encoder_targets: tuple[str, ...] = option((), "text encoder layers to adapt as well, matched as "
+                                                       "lora.targets (q_proj|k_proj|v_proj|out_proj: the attention "
+                                                       "projections, as diffusers' --train_text_encoder); empty (the "
+                                                       "default): the text encoder is left as it is")
     export_formats: tuple[str, ...] = option(("peft",), "LoRA files written to <workdir>/export: peft "
                                                          "(pytorch_lora_weights.safetensors, what diffusers' "
                                                          "load_lora_weights(folder) reads) and/or kohya "
-                                                         "(kohya_lora.safetensors: lora_unet_* keys with alphas)")
+                                                         "(kohya_lora.safetensors: lora_unet_* and lora_te_* keys "
+                                                         "with alphas)")
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank, allow_zero=True)
         _check_positive("lora.alpha", self.alpha, allow_zero=True)
         if not self.targets:
             raise ConfigError("lora.targets is empty: name the U-Net layers to adapt, e.g. to_q|to_k|to_v|to_out.0")
-        for pattern in self.targets:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(f"lora.targets: {pattern!r} is not a regular expression ({err})") from None
+        for key in ("targets", "text_encoder_targets"):
+            for pattern in getattr(self, key):
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ConfigError(f"lora.{key}: {pattern!r} is not a regular expression ({err})") from None
         if not self.export_formats:
             raise ConfigError(f"lora.export_formats is empty: choose {' and/or '.join(LORA_FORMATS)}")
         for name in self.export_formats:
@@ -228,6 +236,9 @@ class TrainConfig:
                               "data.loss_mask on (and name a mask per image) or leave it off")
         if self.lora.rank:
             self._check_lora()
+        elif self.lora.text_encoder_targets:
+            raise ConfigError("lora.text_encoder_targets names text encoder layers to adapt, but lora.rank = 0 trains "
+                              "no adapters: set lora.rank (e.g. 4), or leave lora.text_encoder_targets empty")
         if self.batch_size % self.optimizer.grad_accumulation:
             raise ConfigError(f"batch_size = {self.batch_size} must be a multiple of optimizer.grad_accumulation "
                               f"= {self.optimizer.grad_accumulation}")
@@ -241,8 +252,10 @@ class TrainConfig:
             raise ConfigError(f"{rank}, but model.unet_config = {self.model.unet_config!r} makes a new U-Net from "
                               f"scratch: leave model.unet_config empty to adapt model.pretrained's U-Net")
         if self.model.train_text_encoder:
-            raise ConfigError(f"{rank} and leaves the text encoder frozen; model.train_text_encoder would train it "
-                              f"whole beside them: turn it off (or lora.rank=0 for full fine-tuning)")
+            raise ConfigError(f"{rank} and keeps the text encoder's weights frozen; model.train_text_encoder would "
+                              f"train them whole beside the adapters: turn it off and adapt the text encoder with "
+                              f"lora.text_encoder_targets (e.g. q_proj|k_proj|v_proj|out_proj), or lora.rank=0 for "
+                              f"full fine-tuning")
 
 
 # --------------------------------------------------------------------------------- dotted keys and overrides

@@ -189,8 +189,8 @@ def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
     log.info("loading the base model %s", config.model.pretrained)
     base = load_pipeline(config.model.pretrained)
     model = fingerprint(config, architectures(config, base))
-    if config.lora.rank:  # lora.targets that match no layer fail here, before anything is written
-        lora_spec(config.lora, base.params["unet"])
+    if config.lora.rank:  # lora.targets / text_encoder_targets matching no layer fail here, before any write
+        lora_spec(config.lora, base.params)
     store = CheckpointStore(workdir / "checkpoints", keep=config.keep_checkpoints)
     store.check_model(model)  # before any init or write
     changed = check_same_run(workdir, config, allow_changes=allow_changes) if store.latest_step() is not None else []

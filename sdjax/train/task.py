@@ -15,7 +15,7 @@ from sdjax import schedules
 from sdjax.errors import ConfigError
 from sdjax.images import to_unit_range
 from sdjax.models.components import COMPONENTS
-from sdjax.train.adapters import LoRASpec, lora_spec
+from sdjax.train.adapters import TARGETS as LORA_TARGETS, LoRASpec, lora_spec
 from sdjax.train.config import TrainConfig
 from sdjax.train.latents import make_moments_encoder
 from sdjax.train.losses import LossFn, make_diffusion_loss, make_vae_loss
@@ -114,7 +114,9 @@ def fingerprint(config: TrainConfig, arch: dict[str, Any]) -> dict[str, Any]:
     found = {"stage": config.stage, "trained": trained,
              "architecture": {name: value.to_dict() for name, value in arch.items()}}
     if config.lora.rank:  # what shapes the trained tree (alpha only scales it: a setting, checked as the others)
-        found["lora"] = {"rank": config.lora.rank, "targets": list(config.lora.targets)}
+        # Empty target lists are left out: a U-Net-only run keeps the fingerprint it had before text encoder targets.
+        targets = {field: list(getattr(config.lora, field)) for field in LORA_TARGETS.values()}
+        found["lora"] = {"rank": config.lora.rank, **{field: value for field, value in targets.items() if value}}
     return found
 
 
@@ -162,8 +164,8 @@ def build_task(config: TrainConfig, base: "Pipeline", key) -> Task:
         return {**batch, "loss_mask": jnp.asarray(host["loss_mask"])} if "loss_mask" in host else batch
 
     if config.lora.rank:  # the adapters are trained; the U-Net and text encoder are read as they are
-        adapter = lora_spec(config.lora, params["unet"])
-        return Task(**{**common, "trainable": adapter.init(params["unet"], jax.random.fold_in(key, len(new)))},
+        adapter = lora_spec(config.lora, params)
+        return Task(**{**common, "trainable": adapter.init(params, jax.random.fold_in(key, len(new)))},
                     frozen={name: params[name] for name in ("unet", "text_encoder")}, loss_fn=adapter.loss(loss_fn),
                     prepare_batch=prepare_batch, encode_moments=encode, adapter=adapter)
     return Task(**common, frozen={} if "text_encoder" in trained else {"text_encoder": params["text_encoder"]},

@@ -1,6 +1,7 @@
-"""LoRA training (`lora.rank` > 0) on the tiny SD1 folder, three steps: only the adapter is trained, checkpointed and
-exported; the PEFT and kohya exports load in diffusers and in sdjax with the same U-Net output; a resume repeats the
-run bitwise; bad settings fail before anything is written."""
+"""LoRA training (`lora.rank` > 0) on the tiny SD1 folder, three steps, with adapters on the U-Net and the text
+encoder: only the adapters are trained, checkpointed and exported; the PEFT and kohya exports load in diffusers and
+in sdjax with the same U-Net and text encoder outputs; a resume repeats the run bitwise; bad settings fail before
+anything is written."""
 import hashlib
 import shutil
 
@@ -24,10 +25,14 @@ pytest.importorskip("peft")
 STEPS = 3
 # The folder's own U-Net (the experiment trains a new one from scratch); rank 4, alpha 8: a scaling of 2 that the
 # files must carry. No warmup and a large learning rate, so that three steps move the adapter visibly.
+# The text encoder's attention projections too, as diffusers' --train_text_encoder.
 LORA = ("model.unet_config=", "lora.rank=4", "lora.alpha=8", "lora.export_formats=peft|kohya", f"num_steps={STEPS}",
-        "checkpoint_every=1", "optimizer.warmup_steps=0", "optimizer.learning_rate=0.02")
-TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the default lora.targets
-OUTPUT_TOLERANCE = 1e-5  # relative L2 of U-Net outputs, float32 on both sides
+        "checkpoint_every=1", "optimizer.warmup_steps=0", "optimizer.learning_rate=0.02",
+        "lora.text_encoder_targets=q_proj|k_proj|v_proj|out_proj")
+TARGETS = {"unet": ("to_q", "to_k", "to_v", "to_out.0"),  # the default lora.targets
+           "text_encoder": ("q_proj", "k_proj", "v_proj", "out_proj")}
+OUTPUT_TOLERANCE = 1e-5  # relative L2 of U-Net outputs and text embeddings, float32 on both sides
+PROMPTS = ["a photo of a cat", "an astronaut"]
 
 
 @pytest.fixture(scope="module")
@@ -42,10 +47,13 @@ def base(sd1_folder):
 
 
 def test_the_adapter_starts_as_the_base_model(base):
-    spec = lora_spec(LoRAConfig(rank=4, alpha=8), base.params["unet"])
-    trained = spec.init(base.params["unet"], jax.random.key(0))
+    assert list(lora_spec(LoRAConfig(rank=4), base.params).layers) == ["unet"]  # the text encoder: only when asked
+    spec = lora_spec(LoRAConfig(rank=4, alpha=8, text_encoder_targets=TARGETS["text_encoder"]), base.params)
+    trained = spec.init(base.params, jax.random.key(0))
     factors = by_path(trained)
-    assert all(not np.any(pair["up"]) and np.any(pair["down"]) for pair in factors.values())
+    assert list(factors) == ["unet", "text_encoder"]
+    assert all(not np.any(pair["up"]) and np.any(pair["down"]) for layers in factors.values()
+               for pair in layers.values())
     merged = spec.merged(base.params, trained)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, merged, base.params)))
 
@@ -53,11 +61,14 @@ def test_the_adapter_starts_as_the_base_model(base):
 def test_only_the_adapter_is_trained_checkpointed_and_exported(lora_run, base):
     workdir, result = lora_run
     state = result.state
-    layers = by_path(state.params)
-    expected = {m for m in map(lora.module_name, lora.kernel_shapes(base.params["unet"])) if m.endswith(TARGETS)}
-    assert expected and {lora.module_name(path) for path in layers} == expected
-    assert all(pair["down"].shape[-1] == 4 and pair["up"].shape[0] == 4 and np.any(pair["up"])
-               for pair in layers.values())
+    trained = by_path(state.params)
+    assert sorted(trained) == sorted(TARGETS)
+    for component, layers in trained.items():
+        expected = {m for m in map(lora.module_name, lora.kernel_shapes(base.params[component]))
+                    if m.endswith(TARGETS[component])}
+        assert expected and {lora.module_name(path) for path in layers} == expected
+        assert all(pair["down"].shape[-1] == 4 and pair["up"].shape[0] == 4 and np.any(pair["up"])
+                   for pair in layers.values())
     # Optimizer state and EMA: the adapter's shapes (Adam's two moments of each factor) and scalar counters only.
     adapter_sizes = sorted(leaf.size for leaf in jax.tree.leaves(state.params))
     moments = [leaf.size for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim]
@@ -65,16 +76,26 @@ def test_only_the_adapter_is_trained_checkpointed_and_exported(lora_run, base):
     assert jax.tree.structure(state.ema_params) == jax.tree.structure(state.params)
     saved, _ = CheckpointStore(workdir / "checkpoints").restore(checkpointed(state))
     jax.tree.map(np.testing.assert_array_equal, saved, checkpointed(state))
-    # The base weights stay as they were; the export holds the EMA adapter alone, in both formats.
-    jax.tree.map(np.testing.assert_array_equal, state.frozen["unet"], base.params["unet"])
+    # The base weights stay as they were; the export holds the EMA adapters alone, in both formats, under the keys
+    # diffusers' save_lora_weights(unet_lora_layers=, text_encoder_lora_layers=) and kohya's sd-scripts write.
+    assert sorted(state.frozen) == sorted(TARGETS)
+    jax.tree.map(np.testing.assert_array_equal, state.frozen, {name: base.params[name] for name in TARGETS})
     assert sorted(p.name for p in result.export_dir.iterdir()) == sorted(FILES.values())
     exported = read_safetensors(result.export_dir / FILES["peft"])
-    assert len(exported) == 2 * len(expected) and all(k.endswith((".lora_A.weight", ".lora_B.weight"))
-                                                       for k in exported)
-    for path, pair in by_path(state.ema_params).items():
-        down, up = lora.torch_factors(pair)
-        np.testing.assert_array_equal(exported[f"unet.{lora.module_name(path)}.lora_A.weight"], down)
-        np.testing.assert_array_equal(exported[f"unet.{lora.module_name(path)}.lora_B.weight"], up)
+    kohya = read_safetensors(result.export_dir / FILES["kohya"])
+    ema = by_path(state.ema_params)
+    assert len(exported) == 2 * sum(map(len, ema.values())) and len(kohya) == 3 * sum(map(len, ema.values()))
+    assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in exported
+    assert "lora_te_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight" in kohya
+    for component, prefix in {"unet": "lora_unet_", "text_encoder": "lora_te_"}.items():
+        for path, pair in ema[component].items():
+            down, up = lora.torch_factors(pair)
+            module = lora.module_name(path)
+            np.testing.assert_array_equal(exported[f"{component}.{module}.lora_A.weight"], down)
+            np.testing.assert_array_equal(exported[f"{component}.{module}.lora_B.weight"], up)
+            kohya_name = prefix + module.replace(".", "_")
+            np.testing.assert_array_equal(kohya[f"{kohya_name}.lora_down.weight"], down)
+            assert kohya[f"{kohya_name}.alpha"] == 8.0
 
 
 def unet_inputs():
@@ -83,33 +104,48 @@ def unet_inputs():
             rng.standard_normal((2, 77, 32)).astype(np.float32))
 
 
+def outputs(unet, encode_prompt):
+    """(U-Net output NHWC, text embeddings) on fixed inputs, from a U-Net call (latents, timesteps, embeddings) and
+    an encode_prompt(prompts) of either library."""
+    latents, timesteps, embeddings = unet_inputs()
+    return np.asarray(unet(latents, timesteps, embeddings)), np.asarray(encode_prompt(PROMPTS))
+
+
+def diffusers_outputs(pipe):
+    with torch.no_grad():
+        return outputs(lambda latents, timesteps, embeddings: nhwc(pipe.unet(
+            torch.from_numpy(nchw(latents)), torch.from_numpy(timesteps), torch.from_numpy(embeddings)).sample),
+            lambda prompts: pipe.encode_prompt(prompts, "cpu", 1, False)[0])
+
+
+@pytest.mark.usefixtures("transformers_peft_gate")  # diffusers loads the text encoder's adapters through PEFT
 @pytest.mark.parametrize("kind", ["peft", "kohya"])
-def test_export_loads_in_diffusers_and_sdjax_with_the_same_unet_output(kind, lora_run, base, sd1_folder):
+def test_export_loads_in_diffusers_and_sdjax_with_the_same_outputs(kind, lora_run, base, sd1_folder):
     from diffusers import StableDiffusionPipeline
     export, scale = lora_run[1].export_dir, 0.7
-    latents, timesteps, embeddings = unet_inputs()
     reference = StableDiffusionPipeline.from_pretrained(sd1_folder[0])
     reference.load_lora_weights(export, weight_name=FILES[kind], adapter_name="trained")
     reference.set_adapters(["trained"], [scale])
-    with torch.no_grad():
-        theirs = nhwc(reference.unet(torch.from_numpy(nchw(latents)), torch.from_numpy(timesteps),
-                                     torch.from_numpy(embeddings)).sample)
-    plain = np.asarray(base.unet_output(latents, timesteps, embeddings))
+    theirs = diffusers_outputs(reference)
+    plain = outputs(base.unet_output, base.encode_prompt)
     name = base.load_lora(export / FILES[kind], scale=scale)
     try:
-        ours = np.asarray(base.unet_output(latents, timesteps, embeddings))
-        # sdjax reads back the EMA factors bitwise, with alpha / rank = 2
-        for path, pair in by_path(lora_run[1].state.ema_params).items():
-            loaded = base.loras[name].layers["unet"][path]
-            assert loaded["scaling"] == 2.0
-            np.testing.assert_array_equal(loaded["down"], pair["down"])
-            np.testing.assert_array_equal(loaded["up"], pair["up"])
+        ours = outputs(base.unet_output, base.encode_prompt)
+        # sdjax reads back the EMA factors of both components bitwise, with alpha / rank = 2
+        for component, layers in by_path(lora_run[1].state.ema_params).items():
+            for path, pair in layers.items():
+                loaded = base.loras[name].layers[component][path]
+                assert loaded["scaling"] == 2.0
+                np.testing.assert_array_equal(loaded["down"], pair["down"])
+                np.testing.assert_array_equal(loaded["up"], pair["up"])
     finally:
         base.unload_lora()
-    relative, max_abs = errors(ours, theirs)
-    print(f"{kind}: relative L2 {relative:.2e}, max-abs {max_abs:.2e}, LoRA effect {errors(plain, theirs)[0]:.2e}")
-    assert relative <= OUTPUT_TOLERANCE and max_abs <= OUTPUT_TOLERANCE * np.abs(theirs).max()
-    assert errors(plain, theirs)[0] > 100 * OUTPUT_TOLERANCE  # the adapter acts
+    for what, mine, their, before in zip(("U-Net", "text encoder"), ours, theirs, plain):
+        relative, max_abs = errors(mine, their)
+        effect = errors(before, their)[0]
+        print(f"{kind} {what}: relative L2 {relative:.2e}, max-abs {max_abs:.2e}, LoRA effect {effect:.2e}")
+        assert relative <= OUTPUT_TOLERANCE and max_abs <= OUTPUT_TOLERANCE * np.abs(their).max()
+        assert effect > 100 * OUTPUT_TOLERANCE  # the adapter acts
 
 
 def _snapshot(folder):
@@ -129,6 +165,9 @@ def test_resume_is_exact_and_other_lora_settings_are_refused(lora_run, tiny_over
         run_training(tiny_overrides, workdir, *LORA, "lora.rank=2")
     with pytest.raises(CheckpointMismatchError, match=r"lora: \{'rank': 4.* in the checkpoint, None now"):
         run_training(tiny_overrides, workdir, *[o for o in LORA if not o.startswith("lora.")])
+    with pytest.raises(CheckpointMismatchError, match=r"lora\.text_encoder_targets: \['q_proj'.* in the checkpoint, "
+                                                      r"None now"):
+        run_training(tiny_overrides, workdir, *LORA, "lora.text_encoder_targets=[]")
     assert _snapshot(workdir) == before
 
     result = run_training(tiny_overrides, workdir, *LORA)
@@ -146,4 +185,11 @@ def test_bad_lora_settings_fail_before_anything_is_written(tiny_overrides, tmp_p
         load_config(EXPERIMENT, ["lora.rank=4"])
     with pytest.raises(ConfigError, match=r"lora\.targets 'to_qkv' match no .* layers end in attn1\.to_k, .*proj_in"):
         run_training(tiny_overrides, tmp_path / "run", *LORA, "lora.targets=to_q|to_qkv")
+    with pytest.raises(ConfigError, match=r"lora\.text_encoder_targets 'to_q' match no .* of the text encoder .* end "
+                                          r"in mlp\.fc1, .*self_attn\.q_proj"):
+        run_training(tiny_overrides, tmp_path / "run", *LORA, "lora.text_encoder_targets=q_proj|to_q")
     assert not (tmp_path / "run").exists()
+    with pytest.raises(ConfigError, match=r"model\.train_text_encoder would train them whole .* lora\.text_encoder_"):
+        load_config(EXPERIMENT, [*LORA, "model.train_text_encoder=true"])
+    with pytest.raises(ConfigError, match=r"lora\.text_encoder_targets names .* but lora\.rank = 0"):
+        load_config(EXPERIMENT, ["lora.text_encoder_targets=q_proj"])
