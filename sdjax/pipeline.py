@@ -315,7 +315,7 @@ class Pipeline:
         sdxl.check_arguments(self.sdxl_settings, micro)
         self._check_prompt_2(prompt_2, negative_prompt_2)
         if self.sdxl_settings is not None:
-            self._check_sdxl_call(control, edit, prompt_syntax)
+            self._check_sdxl_call(control, prompt_syntax)
         if guidance_scale is None:
             guidance_scale = embedded.GUIDANCE_SCALE if self.is_embedded else 7.5
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
@@ -391,12 +391,14 @@ class Pipeline:
 
         With an inpainting U-Net (9 input channels) the mask and the masked image's latents are extra U-Net
         inputs; with an ordinary U-Net the known region is held on the image's noised trajectory each step.
-        `settings` are generate's."""
+        `settings` are generate's. SDXL models inpaint as diffusers' StableDiffusionXLInpaintPipeline, whose
+        default strength is 0.9999 rather than 1: that drops the first step (int(steps * 0.9999) steps run) and
+        starts from the noised image instead of pure noise; pass strength=0.9999 for its default result."""
         return self.generate(prompt, negative_prompt, latents=noise, edit=Edit(image, mask, strength), **settings)
 
     @property
     def is_inpainting_model(self) -> bool:
-        """True for SD inpainting U-Nets: latents + mask + masked-image latents as input channels."""
+        """True for inpainting U-Nets (SD or SDXL): latents + mask + masked-image latents as input channels."""
         return self.configs["unet"].in_channels == 2 * self.configs["vae"].latent_channels + 1
 
     def _mask_inputs(self, mask, images, count: int) -> dict:
@@ -445,19 +447,17 @@ class Pipeline:
         default = (self.raw_configs.get("unet", {}).get("sample_size") or 64) * factor
         return check_image_size(height or default, width or default, factor)
 
-    def _check_sdxl_call(self, control=None, edit: "Edit | None" = None, prompt_syntax: str = "diffusers") -> None:
+    def _check_sdxl_call(self, control=None, prompt_syntax: str = "diffusers") -> None:
         """Refuse what sdjax's SDXL pipelines do not do yet, before anything runs."""
         unsupported = []
         if control is not None and (isinstance(control, Control) or len(control) > 0):
             unsupported.append("ControlNet (control=)")
-        if edit is not None and edit.mask is not None:
-            unsupported.append("inpainting (a mask)")
         if syntax.check_syntax(prompt_syntax) != "diffusers":
             unsupported.append(f"prompt_syntax={prompt_syntax!r} (with two tokenizers)")
         if unsupported:
             raise InvalidArgumentError(f"{' and '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
-                                       f"supported with SDXL pipelines yet; txt2img and img2img are, with plain "
-                                       f"prompts (prompt_syntax='diffusers')")
+                                       f"supported with SDXL pipelines yet; txt2img, img2img and inpainting are, "
+                                       f"with plain prompts (prompt_syntax='diffusers')")
 
     def _handoff_plan(self, plan: SamplingPlan, start, end, latents, edit: "Edit | None") -> SamplingPlan:
         """The plan cut by denoising_start / denoising_end, after checking the call can take them."""

@@ -2,17 +2,18 @@
 micro-conditioning time ids (sec. 2.2: the size of the training image before it was resized, the top-left corner
 of its crop and the target size; the refiner has an aesthetic score in place of the target size).
 
-They are what diffusers' StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline give the U-Net as
-`added_cond_kwargs` (text_embeds, time_ids). `Pipeline` builds the time ids here on the host and the generation
-program encodes the prompts with `encode_text`; both halves of classifier-free guidance get their own.
+They are what diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
+StableDiffusionXLInpaintPipeline give the U-Net as `added_cond_kwargs` (text_embeds, time_ids); inpainting needs
+nothing SDXL-specific beyond them (`Pipeline.inpaint`). `Pipeline` builds the time ids here on the host and the
+generation program encodes the prompts with `encode_text`; both halves of classifier-free guidance get their own.
 
 Negative time ids: sdjax has one rule, each negative_* value defaults to its positive counterpart and is used when
 given. diffusers' pipelines each have their own: txt2img uses the negative values only when both
 negative_original_size and negative_target_size are given, its negative crop corner then defaulting to (0, 0), and
 with several images it gives them to half of the batch only (it repeats [negative; positive] rather than each);
-img2img ignores negative_crops_coords_top_left unless the model takes an aesthetic score, and the refiner's
-negative crop corner defaults to (0, 0). sdjax agrees with diffusers wherever diffusers uses what it is given and
-the crop corner is left at (0, 0) or given for both halves.
+img2img and inpainting ignore negative_crops_coords_top_left unless the model takes an aesthetic score, and the
+refiner's negative crop corner defaults to (0, 0). sdjax agrees with diffusers wherever diffusers uses what it is
+given and the crop corner is left at (0, 0) or given for both halves.
 
 clip_skip likewise applies to both halves of guidance here; diffusers applies it to the prompt only (its negative
 prompts always use the penultimate layer), so the two differ with clip_skip and a negative prompt.

@@ -111,13 +111,13 @@ SDXL_POOLED_WIDTH = 16  # text_encoder_2's projection_dim
 SDXL_TIME_EMBED = 8     # addition_time_embed_dim
 
 
-def build_sdxl_unet(encoders: tuple[str, ...], time_ids: int) -> UNet2DConditionModel:
+def build_sdxl_unet(encoders: tuple[str, ...], time_ids: int, in_channels: int = 4) -> UNet2DConditionModel:
     """SDXL's U-Net layout, tiny: a plain first block, then cross-attention with two transformer layers; linear
     projections; the text_time added embedding of the pooled prompt and `time_ids` micro-conditioning values
-    (6 for the base model, 5 for the refiner)."""
+    (6 for the base model, 5 for the refiner). 9 input channels make an inpainting U-Net."""
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=BLOCKS, layers_per_block=1,
+        sample_size=16, in_channels=in_channels, out_channels=4, block_out_channels=BLOCKS, layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
         norm_num_groups=16, cross_attention_dim=sum(SDXL_TEXT_WIDTHS[name] for name in encoders),

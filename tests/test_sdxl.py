@@ -1,14 +1,16 @@
-"""SDXL base and refiner against diffusers' StableDiffusionXLPipeline and StableDiffusionXLImg2ImgPipeline in torch,
-float32, on tiny random-weight folders of SDXL's architecture (tests/fixtures.py): the prompt encoding, the U-Net's
-added conditioning, whole generations from the same starting noise, the folder round trip, and the errors."""
+"""SDXL base and refiner against diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
+StableDiffusionXLInpaintPipeline in torch, float32, on tiny random-weight folders of SDXL's architecture
+(tests/fixtures.py): the prompt encoding, the U-Net's added conditioning, whole generations from the same starting
+noise (inpainting also with a 9-channel U-Net), the folder round trip, and the errors."""
 import json
 
 import jax
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
-from diffusers.pipelines.stable_diffusion_xl import pipeline_stable_diffusion_xl_img2img
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl import (pipeline_stable_diffusion_xl_img2img,
+                                                     pipeline_stable_diffusion_xl_inpaint)
 from PIL import Image
 
 import sdjax
@@ -54,9 +56,12 @@ def refiner(folders):
 
 @pytest.fixture
 def encode_with_posterior_mean(monkeypatch):
-    """diffusers samples the VAE posterior for img2img; sdjax uses its mean. Make diffusers use the mean too."""
-    monkeypatch.setattr(pipeline_stable_diffusion_xl_img2img, "retrieve_latents",
-                        lambda encoder_output, generator=None, sample_mode="sample": encoder_output.latent_dist.mode())
+    """diffusers samples the VAE posterior for img2img and inpainting; sdjax uses its mean. Make diffusers use the
+    mean too."""
+    def mean_latents(encoder_output, generator=None, sample_mode="sample"):
+        return encoder_output.latent_dist.mode()
+    for module in (pipeline_stable_diffusion_xl_img2img, pipeline_stable_diffusion_xl_inpaint):
+        monkeypatch.setattr(module, "retrieve_latents", mean_latents)
 
 
 def torch_noise(shape_nhwc, seed):
@@ -171,23 +176,29 @@ def check_images(ours, reference_unit):
     assert_images_match(ours, reference_unit)
 
 
-def img2img_both(pipeline, reference, image, *, negative, seed, **settings):
-    """(sdjax images, diffusers images in [0, 1]) of one img2img call: the same image and starting noise."""
-    ours = pipeline.img2img(image, PROMPTS[1], negative, strength=0.6, steps=5, guidance_scale=5.0,
-                            noise=torch_noise((1, 16, 16, 4), seed), **settings)
-    theirs = reference(PROMPTS[1], image=Image.fromarray(image[0]), negative_prompt=negative, strength=0.6,
-                       num_inference_steps=5, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
-                       output_type="np", **settings).images
-    return ours.images, theirs
+def edit_both(pipeline, reference, image, *, negative, seed, mask=None, strength=0.6, **settings):
+    """(sdjax result, diffusers images in [0, 1], diffusers final latents) of one img2img call, or inpainting with
+    a mask: the same image, mask and starting noise. diffusers draws the noise from its generator, since noise
+    given as latents= replaces its noised image below strength 1."""
+    edit = {} if mask is None else {"mask_image": Image.fromarray(mask[0])}
+    ours = (pipeline.img2img(image, PROMPTS[1], negative, strength=strength, steps=5, guidance_scale=5.0,
+                             noise=torch_noise((1, 16, 16, 4), seed), **settings) if mask is None else
+            pipeline.inpaint(image, mask, PROMPTS[1], negative, strength=strength, steps=5, guidance_scale=5.0,
+                             noise=torch_noise((1, 16, 16, 4), seed), **settings))
+    theirs = {kind: reference(PROMPTS[1], image=Image.fromarray(image[0]), negative_prompt=negative, strength=strength,
+                              num_inference_steps=5, guidance_scale=5.0, generator=torch.Generator().manual_seed(seed),
+                              output_type=kind, **edit, **settings).images for kind in ("np", "latent")}
+    return ours, theirs["np"], nhwc(theirs["latent"])
 
 
 def test_img2img_matches_diffusers(base, encode_with_posterior_mean):
     pipeline, reference = base
     image = np.random.default_rng(1).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
     reference = StableDiffusionXLImg2ImgPipeline(**reference.components, add_watermarker=False)
-    ours, theirs = img2img_both(pipeline, reference, image,
-                                negative=NEGATIVE[0], seed=3, original_size=(96, 64), crops_coords_top_left=(2, 6))
-    check_images(ours, theirs)
+    ours, images, latents = edit_both(pipeline, reference, image, negative=NEGATIVE[0], seed=3,
+                                      original_size=(96, 64), crops_coords_top_left=(2, 6))
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
 
 
 def test_refiner_img2img_matches_diffusers(refiner, encode_with_posterior_mean):
@@ -196,9 +207,72 @@ def test_refiner_img2img_matches_diffusers(refiner, encode_with_posterior_mean):
     pipeline, reference = refiner
     assert pipeline.sampling_plan(5).schedule == "DPMSolverMultistepScheduler"
     image = np.random.default_rng(2).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
-    ours, theirs = img2img_both(pipeline, reference, image, negative=None, seed=4, aesthetic_score=7.0,
-                                negative_aesthetic_score=2.0, original_size=(48, 48))
-    check_images(ours, theirs)
+    ours, images, latents = edit_both(pipeline, reference, image, negative=None, seed=4, aesthetic_score=7.0,
+                                      negative_aesthetic_score=2.0, original_size=(48, 48))
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
+
+
+def inpaint_reference(reference, **components):
+    """diffusers' StableDiffusionXLInpaintPipeline with `reference`'s components (or `components`) and settings."""
+    return StableDiffusionXLInpaintPipeline(
+        **{**reference.components, **components}, add_watermarker=False,
+        force_zeros_for_empty_prompt=reference.config.force_zeros_for_empty_prompt,
+        requires_aesthetics_score=reference.config.get("requires_aesthetics_score", False))
+
+
+def inpaint_case(seed):
+    """(image (1, SIZE, SIZE, 3), mask (1, SIZE, SIZE): white in a rectangle to repaint), uint8."""
+    image = np.random.default_rng(seed).integers(0, 256, (1, SIZE, SIZE, 3), dtype=np.uint8)
+    mask = np.zeros((1, SIZE, SIZE), np.uint8)
+    mask[:, 8:24, 4:20] = 255
+    return image, mask
+
+
+@pytest.mark.parametrize("model, strength, settings", [
+    ("base", 0.9999, dict(negative=NEGATIVE[0], original_size=(96, 64), crops_coords_top_left=(2, 6))),
+    ("base", 1.0, dict(negative=None)),
+    ("refiner", 0.6, dict(negative=None, aesthetic_score=7.0, negative_aesthetic_score=2.0)),
+], ids=["base-diffusers-default-strength", "base-strength-1", "refiner"])
+def test_inpaint_matches_diffusers(model, strength, settings, request, encode_with_posterior_mean):
+    """An ordinary (4-channel) U-Net: the latents outside the mask follow the image's noised trajectory. diffusers'
+    default strength 0.9999 runs one step fewer than 1, from the noised image rather than pure noise; both agree
+    with sdjax given the same strength. The refiner adds aesthetic scores and its own scheduler (DPM-Solver++)."""
+    pipeline, reference = request.getfixturevalue(model)
+    image, mask = inpaint_case(seed=6)
+    ours, images, latents = edit_both(pipeline, inpaint_reference(reference), image, mask=mask, strength=strength,
+                                      seed=7, **settings)
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
+    # the unmasked region ends as the image's own latents
+    keep = mask[:, ::2, ::2] < 128
+    np.testing.assert_allclose(ours.latents[keep], np.asarray(pipeline.encode_image(image))[keep], rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def inpainting_model(folders, tmp_path_factory):
+    """(sdjax Pipeline, torch StableDiffusionXLInpaintPipeline) of the tiny base with a 9-channel inpainting U-Net
+    (latents + mask + masked-image latents), as stable-diffusion-xl-1.0-inpainting-0.1."""
+    source, reference = folders["base"]
+    target = tmp_path_factory.mktemp("sdxl_inpainting")
+    for path in source.iterdir():
+        if path.name not in ("model_index.json", "unet"):
+            (target / path.name).symlink_to(path)
+    unet = fixtures.build_sdxl_unet(("text_encoder", "text_encoder_2"), 6, in_channels=9)
+    unet.save_pretrained(target / "unet", safe_serialization=True)
+    index = json.loads((source / "model_index.json").read_text())
+    (target / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLInpaintPipeline"}))
+    return sdjax.load_pipeline(target), inpaint_reference(reference, unet=unet)
+
+
+def test_inpainting_unet_matches_diffusers(inpainting_model, encode_with_posterior_mean):
+    pipeline, reference = inpainting_model
+    assert pipeline.is_inpainting_model
+    image, mask = inpaint_case(seed=8)
+    ours, images, latents = edit_both(pipeline, reference, image, mask=mask, strength=1.0, seed=9,
+                                      negative=NEGATIVE[1])
+    check_images(ours.images, images)
+    assert_close(ours.latents, latents, LATENT_TOLERANCE)
 
 
 @pytest.mark.parametrize("model, pipeline_class", [("base", StableDiffusionXLPipeline),
@@ -240,8 +314,8 @@ def test_what_sdxl_does_not_support_is_refused_before_anything_runs(base, refine
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
     control = sdjax.Control(sdjax.ControlNet(config=None, params=None), image)
     cases = [
-        (lambda: pipeline.inpaint(image, np.ones((1, SIZE, SIZE), np.uint8), "a cat"), r"inpainting \(a mask\)"),
-        (lambda: pipeline.generate("a cat", control=control), r"ControlNet \(control=\)"),
+        (lambda: pipeline.generate("a cat", control=control),
+         r"ControlNet \(control=\) is not supported with SDXL pipelines yet; txt2img, img2img and inpainting are"),
         (lambda: pipeline.generate("a cat", prompt_syntax="a1111"), "prompt_syntax='a1111'"),
         (lambda: pipeline.encode_prompt(["a cat"], prompt_syntax="a1111"), "prompt_syntax='a1111'"),
         (lambda: pipeline.generate("a cat", aesthetic_score=6.0),
@@ -419,6 +493,9 @@ def test_bad_prompt_2_and_denoising_values_are_refused_before_compiling(base, re
          "noise cannot be used with denoising_start"),
         (lambda: pipeline.generate("a cat", steps=5, denoising_end=0.1),
          r"denoising_end=0.1 with steps=5 leaves no step to run \(timesteps \[801.0, 601.0"),
+        (lambda: pipeline.inpaint(np.zeros((1, SIZE, SIZE, 3), np.uint8), np.ones((1, SIZE, SIZE), np.uint8),
+                                  "a cat", denoising_end=0.8),
+         r"denoising_end with inpainting \(a mask\) is not supported"),
         (lambda: pipeline.generate("a cat", sampler="euler", denoising_end=0.8),
          "denoising_start / denoising_end cut the schedule at diffusers' timesteps, .* EulerDiscreteScheduler"),
         (lambda: pipeline.img2img(np.zeros((1, SIZE, SIZE, 3), np.uint8), "a cat", denoising_start=0.5),
