@@ -202,6 +202,8 @@ def _start(config: TrainConfig, workdir: Path, allow_changes: bool) -> _Run:
                             streams=owned_streams[0], owned=owned_streams[1])
     if mesh is not None:  # params, optimizer state and EMA placed by the sharding rules (and restored so)
         state = distributed.to_global(state, parallel.param_shardings(state, mesh))
+    else:  # committed to the device, as a restored state is: both then lower to the same program, and a resume
+        state = jax.device_put(state, jax.devices()[0])  # reads the first run's from the compilation cache
     latest = store.restore_latest(checkpointed(state))
     if latest is not None:
         _, restored, data_state = latest
