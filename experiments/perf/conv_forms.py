@@ -9,14 +9,12 @@ XLA:CPU options are process-wide: run it again with XLA_FLAGS=... to compare the
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 
-from experiments.perf.kernels import cpu_model
+from experiments.perf.kernels import cpu_model, table_command
 
 # (batch, side, in channels, out channels): SD 1.5's 3x3 convolutions at 64x64, 32x32 and 16x16 latents, and the
 # up path's concatenated skip input.
@@ -92,16 +90,7 @@ def markdown(rows: list[dict], reps: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
-    args = parser.parse_args(argv)
-    table = markdown(measure(args.reps), args.reps)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
-    return 0
+    return table_command(__doc__, measure, markdown, 7, argv)
 
 
 if __name__ == "__main__":

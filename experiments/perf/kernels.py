@@ -120,17 +120,26 @@ def markdown(rows: list[dict], reps: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=5)
+def publish(table: str, out: str | None) -> None:
+    """Print the markdown table, and write it to `out` when given."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
+
+
+def table_command(description: str, measure, markdown, reps: int, argv=None) -> int:
+    """The command line of a benchmark that measures rows `reps` times and prints them as a markdown table."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
-    table = markdown(measure(args.reps), args.reps)
-    print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(table)
+    publish(markdown(measure(args.reps), args.reps), args.out)
     return 0
+
+
+def main(argv=None) -> int:
+    return table_command(__doc__, measure, markdown, 5, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.perf.kernels import cpu_model
+from experiments.perf.kernels import cpu_model, publish
 
 LATENT, PROMPT, MEMORY_BATCH, MEMORY_STEPS = 64, "a photo of an astronaut riding a horse on the moon", 4, 2
 SCHEDULER = dict(_class_name="EulerDiscreteScheduler", beta_start=0.00085, beta_end=0.012,
@@ -204,10 +204,7 @@ def main(argv=None) -> int:
                           MEMORY_STEPS) for side in ("sdjax", "torch")}
     medians = in_process(folder, args.steps, args.reps)
     text = report(args.arch, image_side(folder), args.steps, args.reps, medians, cold, warm, memory)
-    print(text)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+    publish(text, args.out)
     return 0
 
 
