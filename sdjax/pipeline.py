@@ -95,8 +95,9 @@ class Pipeline:
         SDXL: (prompt_embeds (N, 77, D), pooled_prompt_embeds (N, P)) as diffusers' StableDiffusionXLPipeline
         encodes them (`sdxl.encode_text`; clip_skip counts from the penultimate layer); `prompts_2` for the second
         text encoder (diffusers' prompt_2; default: `prompts`)."""
-        if isinstance(prompts, str) or isinstance(prompts_2, str):
-            raise InvalidArgumentError("prompts must be a list of strings, got a single string; wrap it in [...]")
+        for name, value in (("prompts", prompts), ("prompts_2", prompts_2)):
+            if isinstance(value, str):
+                raise InvalidArgumentError(f"{name} must be a list of strings, got a single string; wrap it in [...]")
         self._check_prompt_2(prompts_2)
         params = self._params_with_loras()
         if self.sdxl_settings is not None:
