@@ -14,6 +14,7 @@ to --workdir as a diffusers folder (about 4.3 GB for SD 1.5) for the processes t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -95,10 +96,12 @@ def in_process(folder: Path, steps: int, reps: int) -> dict:
     timestep = np.full((2,), 500, np.int32)
     width = ours.configs["text_encoder"].hidden_size
     states = rng.standard_normal((2, 77, width)).astype(np.float32)
-    p, m = ours.params, ours.modules
-    text = jax.jit(lambda ids: m["text_encoder"].apply({"params": p["text_encoder"]}, ids).prompt_embeds)
-    unet = jax.jit(lambda x, t, c: m["unet"].apply({"params": p["unet"]}, x, t, c))
-    decode = jax.jit(lambda z: m["vae"].apply({"params": p["vae"]}, z, method=m["vae"].decode))
+    p, m = ours.params, ours.modules  # params are arguments: closed over, XLA would take them as constants
+    text = functools.partial(jax.jit(lambda p, ids: m["text_encoder"].apply({"params": p}, ids).prompt_embeds),
+                             p["text_encoder"])
+    unet = functools.partial(jax.jit(lambda p, x, t, c: m["unet"].apply({"params": p}, x, t, c)), p["unet"])
+    decode = functools.partial(jax.jit(lambda p, z: m["vae"].apply({"params": p}, z, method=m["vae"].decode)),
+                               p["vae"])
     nchw = lambda x: torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # noqa: E731
     t_ids, t_latents, t_states = torch.from_numpy(ids.astype(np.int64)), nchw(latents), torch.from_numpy(states)
     pairs = {

@@ -8,7 +8,9 @@ Backends share one signature so speed work changes only this file:
   through memory several times; this runs 3.5x faster, within 10% of torch's SDPA on the same CPU
   (experiments/perf/results/kernels_*.md);
 - "xla": `jax.nn.dot_product_attention` (fused cuDNN kernel on GPU where available);
-- "auto" (the default): "blocked" on CPU, "xla" on GPU and TPU (a loop over heads would serialise them there).
+- "auto" (the default): on CPU "blocked" where a (batch, head) pair has at least BLOCKED_MIN_SCORES scores, else
+  "einsum" (the loop's per-pair overhead outweighs its cache gain on short sequences); "xla" on GPU and TPU (a loop
+  over heads would serialise them there).
 """
 from __future__ import annotations
 
@@ -23,6 +25,11 @@ BLOCK_SCORES = 1 << 21
 """Scores per query block of the "blocked" backend: 512 queries of 4096 keys (8 MiB in float32). Measured on a Zen 4
 EPYC at 4096 tokens: blocks of 2^21-2^22 scores 128 GFLOP/s, 2^20 105, 2^18 67, a whole 4096^2 head 63, the
 einsum over all heads 36, torch's SDPA 136 (experiments/perf/results/)."""
+BLOCKED_MIN_SCORES = 4096
+"""Below this many scores per (batch, head) pair "auto" uses "einsum" on CPU. Measured forward / forward+backward
+(Zen 4 EPYC): 64x64 tokens, 16 heads of 4, batch 64: blocked 11/55 ms, einsum 16/97; 64 queries x 32 keys: blocked
+12/42, einsum 10/25; 32x32 (the shapes text encoder): blocked 3.6/13, einsum 2.0/7.3; 16x16: blocked 4.9/18,
+einsum 2.5/7.2."""
 
 
 def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str = DEFAULT, chunk_size: int = 1024):
@@ -32,7 +39,7 @@ def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str =
     upcast: compute scores and softmax in float32 whatever the input dtype (diffusers' upcast_attention).
     """
     if implementation == "auto":
-        implementation = "blocked" if jax.default_backend() == "cpu" else "xla"
+        implementation = auto_implementation(q.shape[1], k.shape[1])
     if implementation == "blocked":
         return _blocked_attention(q, k, v, mask, upcast)
     if implementation == "einsum":
@@ -47,6 +54,13 @@ def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str =
         return jax.nn.dot_product_attention(q, k, v, mask=mask)
     raise InvalidArgumentError(
         f"unknown attention implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
+
+
+def auto_implementation(q_len: int, kv_len: int) -> str:
+    """The backend "auto" picks for attention of q_len queries over kv_len keys on the default backend."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return "blocked" if q_len * kv_len >= BLOCKED_MIN_SCORES else "einsum"
 
 
 def _einsum_attention(q, k, v, mask, upcast):

@@ -92,7 +92,8 @@ def test_bfloat16_inputs_stay_close_to_float32(small_blocks, upcast):
     assert rel < 8e-3, (rel, max_abs)  # bfloat16 keeps 8 bits: ~4e-3 relative per rounding; seen 2.6e-3
 
 
-def test_auto_is_blocked_on_cpu():
-    q, k, v = _inputs(9, 9)
+@pytest.mark.parametrize("q_len, kv_len, blocked", [(64, 64, True), (64, 32, False), (4096, 1, True)])
+def test_auto_on_cpu_is_blocked_only_for_long_sequences(q_len, kv_len, blocked):
+    q, k, v = _inputs(q_len, kv_len)
     lowered = jax.jit(lambda *a: attention(*a)).lower(q, k, v).as_text()
-    assert "while" in lowered  # the blocked backend's loop over (batch, head) pairs
+    assert ("while" in lowered) == blocked  # the blocked backend's loop over (batch, head) pairs
