@@ -100,7 +100,8 @@ def load_params(folder: Path, name: str, config, *, dtype=jnp.float32, variant: 
     source = ", ".join(str(f) for f in files)
     if check_finite:
         tensors.check_finite(state, source)
-    return keymap.params_from_state_dict(state, component.param_shapes(config), source=source, dtype=np.dtype(dtype))
+    return keymap.params_from_state_dict(state, component.param_shapes(config), source=source, dtype=np.dtype(dtype),
+                                         consume=True)
 
 
 def with_base_prefix(state: dict, prefix: str | None) -> dict:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from sdjax.errors import WeightsError
+from sdjax.weights import tensors
 
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
@@ -68,11 +69,24 @@ def flax_to_torch(leaf: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def _in_layout(value: np.ndarray, dtype) -> np.ndarray:
+    """`value` as an aligned C-contiguous array of `dtype` (jax.device_put then takes it without a copy): itself
+    when it already is one, else one copy."""
+    if (value.dtype == dtype and value.flags.c_contiguous
+            and value.ctypes.data % tensors.ALIGNMENT == 0):
+        return value
+    converted = tensors.aligned_empty(value.shape, dtype)
+    np.copyto(converted, value, casting="unsafe")
+    return converted
+
+
 def params_from_state_dict(state_dict: Mapping[str, np.ndarray], expected: Any, *, source: str,
-                           dtype=np.float32) -> dict:
+                           dtype=np.float32, consume: bool = False) -> dict:
     """Flax params shaped like `expected` (a tree of arrays or ShapeDtypeStructs) from a PyTorch state dict.
 
-    `source` names the file(s) the state dict came from, for error messages.
+    `source` names the file(s) the state dict came from, for error messages. `consume`: each tensor is removed
+    from `state_dict` (a dict the caller no longer needs) once converted, so a transposed or cast copy never
+    coexists with the whole file's tensors: loading SD 1.5 then peaks at its size in memory, not twice it.
     """
     available = {_modernize(k): k for k in state_dict if not k.endswith(_IGNORED_SUFFIXES)}
     flat = traverse_util.flatten_dict(expected)
@@ -82,12 +96,15 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], expected: Any, 
         if key not in available:
             missing.append(key)
             continue
-        value = torch_to_flax(path[-1], np.asarray(state_dict[available.pop(key)]), len(spec.shape))
+        original = available.pop(key)
+        value = torch_to_flax(path[-1], np.asarray(state_dict[original]), len(spec.shape))
+        if consume:
+            del state_dict[original]
         if value.shape != tuple(spec.shape):
             misshaped.append(f"{key}: file has {_torch_shape(path[-1], value)}, "
                              f"model expects {_torch_shape(path[-1], np.empty(spec.shape, np.int8))}")
             continue
-        params[path] = value.astype(dtype)
+        params[path] = _in_layout(value, dtype)
     problems = []
     if missing:
         problems.append(f"missing keys: {listing(missing)}")

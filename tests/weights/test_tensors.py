@@ -27,6 +27,31 @@ def test_reads_what_the_reference_library_writes(tmp_path):
         assert loaded[name].dtype == value.dtype
 
 
+def test_read_tensors_reach_the_device_without_a_copy(tmp_path):
+    """Weights in memory once while a pipeline loads: read arrays are aligned so that jax.device_put on CPU takes
+    them as they are (the same buffer), and params_from_state_dict(consume=True) lets each file tensor go once
+    converted."""
+    import jax
+
+    from sdjax.weights import keymap
+
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file({"layer.weight": np.ones((8, 4, 3, 3), np.float32),
+                                 "layer.bias": np.arange(8, dtype=np.float32)}, path)
+    state = tensors.read_safetensors(path)
+    bias = state["layer.bias"]
+    assert bias.ctypes.data % tensors.ALIGNMENT == 0
+    expected = {"layer": {"kernel": jax.ShapeDtypeStruct((3, 3, 4, 8), np.float32),
+                          "bias": jax.ShapeDtypeStruct((8,), np.float32)}}
+    params = keymap.params_from_state_dict(state, expected, source=str(path), consume=True)
+    assert state == {}
+    assert params["layer"]["bias"] is bias  # already in layout: not copied
+    kernel = params["layer"]["kernel"]  # transposed into one aligned copy
+    assert kernel.flags.c_contiguous and kernel.ctypes.data % tensors.ALIGNMENT == 0
+    on_device = jax.device_put(params)
+    assert on_device["layer"]["kernel"].unsafe_buffer_pointer() == kernel.ctypes.data
+
+
 def test_written_files_load_in_the_reference_library_bfloat16_included(tmp_path):
     path = tmp_path / "out.safetensors"
     values = {**sample_tensors(), "d.bf16": np.linspace(-2, 2, 8).astype(ml_dtypes.bfloat16)}
