@@ -150,7 +150,7 @@ def markdown(study: Study, summary: dict) -> str:
                  f"{summary['runs']} runs finished).\n")
     for metric in study.metrics:
         shown = study.table_x or sorted({p[x] for arm in summary["arms"].values() for p in arm[metric]})
-        lines += [f"## {metric}\n", f"| arm | " + " | ".join(f"{x} {v}" for v in shown) + " |",
+        lines += [f"## {metric}\n", "| arm | " + " | ".join(f"{x} {v}" for v in shown) + " |",
                   "|---" * (len(shown) + 1) + "|"]
         for arm, metrics in summary["arms"].items():
             points = {p[x]: p for p in metrics[metric]}

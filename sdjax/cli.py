@@ -116,6 +116,38 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="show a progress bar over sampler steps (default: when stderr is a terminal); "
                              "adaptive samplers (dpm_adaptive) show none")
+    parser.add_argument("--mesh", metavar="data=N,fsdp=M",
+                        help="generate on every device (N * M of them): the images split over all, each large "
+                             "param stored split over fsdp; default: one device, or data=<all devices> with "
+                             "--coordinator")
+    add_process_arguments(parser)
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that make a command one process of a multi-process run (`sdjax generate`, `sdjax train`)."""
+    multi = parser.add_argument_group("several processes (hosts): start one per host with the same arguments")
+    multi.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address; with --num-processes and --process-id, joins a multi-process run "
+                            "(jax.distributed, gloo on CPU); 'auto': detect the cluster (Cloud TPU, SLURM)")
+    multi.add_argument("--num-processes", type=int, help="processes in the run")
+    multi.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
+    multi.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long to wait for the other processes before giving up")
+
+
+def join_processes(args) -> None:
+    """Join the multi-process run that `add_process_arguments`' options describe (nothing without --coordinator).
+    Call it before anything touches a device."""
+    if not args.coordinator:
+        given = [flag for flag, value in (("--num-processes", args.num_processes), ("--process-id", args.process_id))
+                 if value is not None]
+        if given:
+            raise SdjaxError(f"{' and '.join(given)} without --coordinator: give process 0's HOST:PORT (or auto)")
+        return
+    from sdjax import distributed
+    auto = args.coordinator == "auto"
+    distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id,
+                           timeout=args.join_timeout)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -388,6 +420,7 @@ def run_sampling_command(args) -> int:
     if args.prompt is None:
         raise SdjaxError("give a prompt, or --from-png with a PNG that carries one")
     check_sampling_names(args)
+    join_processes(args)  # before the inputs: a ControlNet's params go to a device
     inputs = args.inputs(args)
     edit = inputs.get("edit")
     height, width = edit.image.shape[1:3] if edit is not None else (inputs["height"], inputs["width"])
@@ -400,7 +433,7 @@ def run_sampling_command(args) -> int:
 
     status(f"loading {args.model or 'the embedded shapes model'}")
     pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention, check_finite=True,
-                             config=args.config, prediction_type=args.prediction_type)
+                             config=args.config, prediction_type=args.prediction_type, mesh=generation_mesh(args))
     show_compile_status("" if args.no_compile_cache else " (slow the first time only: later runs read it from "
                                                          "the compilation cache)")
     result = pipeline.generate(
@@ -412,8 +445,19 @@ def run_sampling_command(args) -> int:
     cached = f" ({hits} program(s) read from the persistent compilation cache)" if hits else ""
     print(f"compiled in {result.compile_seconds:.1f} s{cached}, sampled and decoded in {result.seconds:.1f} s",
           file=sys.stderr)
-    write_images(args, result)
+    from sdjax import distributed
+    if distributed.is_primary():  # every process of a multi-process run holds the images; one writes them
+        write_images(args, result)
     return 0
+
+
+def generation_mesh(args) -> str | None:
+    """--mesh; with several processes and no --mesh, data parallelism over all of their devices."""
+    import jax
+
+    if args.mesh or jax.process_count() == 1:
+        return args.mesh
+    return f"data={jax.device_count()}"
 
 
 def png_parameters(args, result, seed: int, image) -> str:

@@ -5,6 +5,7 @@
 
 Several `Control`s add their residuals (diffusers' MultiControlNetModel). `start`/`end` are fractions of the
 sampling steps during which the ControlNet acts, as diffusers' control_guidance_start/_end.
+SDXL ControlNets steer SDXL pipelines in the same way (they also read the pooled prompt embedding and time ids).
 """
 from __future__ import annotations
 

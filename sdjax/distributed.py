@@ -28,8 +28,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     """`jax.distributed.initialize` with its arguments checked and a bounded wait: call it first, before any
     other JAX call. Without arguments JAX detects the cluster (Cloud TPU, SLURM, ...). On CPU the processes
     exchange data over gloo."""
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if coordinator is None:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         _join(jax.distributed.initialize, "the detected cluster", "this process", timeout)
         return
     if not isinstance(num_processes, int) or num_processes < 1:
@@ -40,6 +40,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise InvalidArgumentError(f"coordinator {coordinator!r} must be HOST:PORT, like localhost:12355")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # after the checks: bad input changes nothing
     who = f"process {process_id} of {num_processes}"
     if process_id > 0:  # XLA aborts the whole process when its first connection fails: look before joining
         _wait_for_listener(host, int(port), timeout, who, coordinator)
@@ -77,11 +78,18 @@ def is_primary() -> bool:
 
 def to_global(tree, shardings):
     """Host values that every process holds identically -> arrays placed by `shardings` (NamedShardings that may
-    span every process's devices)."""
+    span every process's devices), each device given only its slice. Arrays that already span the processes are
+    resharded on the devices (a no-op when already placed so)."""
     if jax.process_count() == 1:
         return jax.device_put(tree, shardings)
-    return jax.tree.map(lambda leaf, sharding: jax.make_array_from_callback(
-        np.shape(leaf), sharding, lambda index, value=np.asarray(leaf): value[index]), tree, shardings)
+    return jax.tree.map(_global_leaf, tree, shardings)
+
+
+def _global_leaf(leaf, sharding):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:  # already global: no host copy exists
+        return jax.device_put(leaf, sharding)
+    value = np.asarray(leaf)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
 def global_batch(local_batch, sharding):

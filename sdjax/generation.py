@@ -5,6 +5,11 @@ calls of the same shape (prompts, seeds, guidance, sigmas, init images, masks) i
 Each image is sampled under `jax.vmap` with its own key, so image i depends only on its own seed, never on
 the batch it is part of; the batch stays the leading axis of every input, ready to be sharded.
 
+The program holds no sharding: on a device mesh (`sdjax.parallel`) the Pipeline jits it with the batch split
+over every device and the params placed by the sharding rules (replicated, or split over `fsdp`), and the
+compiler (GSPMD) partitions it, inserting the gathers of FSDP-split params. One program thus serves one device,
+data parallelism and FSDP, and is the pure function users wrap in their own `jax.jit` or `jax.pmap`.
+
 Sampling runs in variance-exploding scaling (x = x0 + sigma eps). Diffusers' latents are variance-preserving;
 `x_vp = x / sqrt(1 + sigma^2)`, which is the identity at the usual final sigma of 0.
 """
@@ -16,7 +21,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from sdjax import control, denoisers, lora, parallel
+from sdjax import control, denoisers, lora
 from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
 from sdjax.prompt_syntax import emphasize
@@ -43,7 +48,10 @@ class ProgramSpec:
     pinned_timesteps: bool = False  # inputs["model_timesteps"] fixes the U-Net's timestep per sigma
     ve_latents: bool = False  # the final x goes to the VAE unconverted (diffusers' Euler-family schedulers)
     controlnets: tuple = ()   # ControlNetModel modules; their params are params["controlnets"]
-    mesh: Any = None  # a (data, fsdp) jax.sharding.Mesh (sdjax.parallel): each device runs its share of the batch
+    # The batch is split into this many equal contiguous shards (the devices of a mesh): batch_invariant runs each
+    # shard's images one after another and the shards side by side (a plain lax.map over a batch split over
+    # devices would run every image on every device).
+    batch_shards: int = 1
     guess_mode: bool = False  # ControlNets see only the conditional half of classifier-free guidance
     # Run only the sampler steps [window_start, window_stop) from a carried state (sdjax.samplers.stepping); the
     # host calls the program once per window, which drives a progress bar without host callbacks.
@@ -87,7 +95,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     def unet_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
                 control_scales=None, **added):
         down, mid = (control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
-                                       control_scales) if spec.controlnets else (None, None))
+                                       control_scales, added) if spec.controlnets else (None, None))
         if spec.inpaint == "channels":
             x_vp = jnp.concatenate([x_vp, mask, masked_image_latents], axis=-1)
         return models.unet(params["unet"], x_vp, t, encoder_hidden_states, down, mid, **added)
@@ -158,15 +166,15 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         images = jax.lax.cond(inputs["window_stop"] >= sigmas.shape[0] - 1, decode, blank, latents)
         return images, latents[0], window.final_carry
 
-    def local_batch(per_image):
-        return jax.lax.map(one_image, per_image) if spec.batch_invariant else jax.vmap(one_image)(per_image)
-
     per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
-    if spec.mesh is None:
-        return local_batch(per_image)
-    batch = jax.sharding.PartitionSpec(parallel.AXES)  # the batch over every device of the (data, fsdp) mesh
-    outputs = (batch,) * (3 if spec.windowed else 2)
-    return jax.shard_map(local_batch, mesh=spec.mesh, in_specs=(batch,), out_specs=outputs)(per_image)
+    if not spec.batch_invariant:
+        return jax.vmap(one_image)(per_image)
+    if spec.batch_shards == 1:
+        return jax.lax.map(one_image, per_image)
+    # each device's contiguous block of the batch becomes one row of the vmapped axis, which the compiler splits
+    shards = jax.tree.map(lambda v: v.reshape(spec.batch_shards, -1, *v.shape[1:]), per_image)
+    outputs = jax.vmap(lambda shard: jax.lax.map(one_image, shard))(shards)
+    return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), outputs)
 
 
 SHARED_INPUTS = ("sigmas", "init_noise_sigma", "model_timesteps", "control_scales", "control_starts",
@@ -184,10 +192,12 @@ def control_scales(inputs, sigma):
     return inputs["control_scales"] * active
 
 
-def control_residuals(spec: ProgramSpec, controlnet_params, x_vp, t, encoder_hidden_states, control_images, scales):
-    """The summed residuals of the ControlNets for one U-Net call; `scales` (batch, K) are their scales."""
+def control_residuals(spec: ProgramSpec, controlnet_params, x_vp, t, encoder_hidden_states, control_images, scales,
+                      added: dict):
+    """The summed residuals of the ControlNets for one U-Net call; `scales` (batch, K) are their scales. added:
+    SDXL's text_embeds and time_ids, which an SDXL ControlNet reads as its U-Net does (empty for SD 1.x / 2.x)."""
     outputs = [module.apply({"params": p}, x_vp, t, encoder_hidden_states, image, scales[:, k, None, None, None],
-                            guess_mode=spec.guess_mode)
+                            guess_mode=spec.guess_mode, **added)
                for k, (module, p, image) in enumerate(zip(spec.controlnets, controlnet_params, control_images))]
     return sum_residuals(outputs)
 

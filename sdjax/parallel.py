@@ -46,6 +46,26 @@ def parse_mesh(text: str, devices: Sequence | None = None) -> Mesh:
     return make_mesh(sizes.get("data"), sizes.get("fsdp", 1), devices)
 
 
+def resolve_mesh(mesh: Mesh | str | None = None, devices: Sequence | None = None) -> Mesh | None:
+    """The mesh a pipeline generates on: `mesh` as "data=4,fsdp=2" over `devices` (default: all, across every
+    process) or as a Mesh with axes (data, fsdp); else data parallelism over `devices`; else None (one device)."""
+    if isinstance(mesh, Mesh):
+        if devices is not None:
+            raise InvalidArgumentError("give devices= or a Mesh as mesh=, not both: a Mesh names its own devices")
+        if tuple(mesh.axis_names) != AXES:
+            raise InvalidArgumentError(f"mesh axes {tuple(mesh.axis_names)}: sdjax shards over axes {AXES}; build "
+                                       f"the mesh with sdjax.parallel.make_mesh, or pass mesh='data=4,fsdp=2'")
+        return mesh
+    if mesh is not None and not isinstance(mesh, str):
+        raise InvalidArgumentError(f"mesh={mesh!r}: pass a string like 'data=4,fsdp=2' or a jax Mesh with axes "
+                                   f"{AXES}")
+    if devices is not None and len(devices) == 0:
+        raise InvalidArgumentError("devices=[] lists no device; pass None (the first device) or e.g. jax.devices()")
+    if mesh is not None:
+        return parse_mesh(mesh, devices)
+    return None if devices is None else make_mesh(devices=devices)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """A leading batch axis split over every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec(AXES))

@@ -17,13 +17,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import (embedded, generation, lora, parallel, progress, prompt_syntax as syntax, schedules, sdxl,
-                   textual_inversion)
+from sdjax import (distributed, embedded, generation, lora, parallel, progress, prompt_syntax as syntax, schedules,
+                   sdxl, textual_inversion)
 from sdjax.control import Control, control_images, control_model
 from sdjax.errors import InvalidArgumentError, MissingComponentError, NonFiniteOutputError
 from sdjax.images import as_array, image_to_model_range, to_unit_interval, to_unit_range
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.components import COMPONENTS, STABLE_DIFFUSION, TEXT_ENCODERS
+from sdjax.models.controlnet import check_fits_unet
 from sdjax.models.vae import scale_latents, unscale_latents
 from sdjax.sampling_plan import SamplingPlan, check_denoising_fractions, plan_from_names
 from sdjax.tokenizer import clip_tokenizer_class, save_tokenizer
@@ -41,7 +42,8 @@ class Pipeline:
     `SDXL_REFINER`) to its config and its Flax param tree; the modules hold no state. `tokenizer` and
     `tokenizer_2` belong to text_encoder and text_encoder_2 (the SDXL refiner has only the second);
     `sdxl_settings` are an SDXL folder's model_index.json settings (defaults when omitted).
-    With a `mesh` (axis "data"), generation splits the batch over its devices.
+    With a `mesh` (`sdjax.parallel`: axes data and fsdp), generation splits the batch over all its devices and
+    the params are placed by the sharding rules: replicated, or with fsdp > 1 each large array split over fsdp.
     """
 
     def __init__(self, configs: Mapping[str, Any], params: dict, tokenizer, scheduler_config: dict, *,
@@ -60,15 +62,20 @@ class Pipeline:
         self.sdxl_settings = (sdxl_settings or sdxl.SDXLSettings()) if "text_encoder_2" in self.configs else None
         if self.sdxl_settings is not None:
             sdxl.check_models(self.configs, self.raw_configs, self.sdxl_settings)
+        # SDXL's VAE overflows in float16: under float16 or bfloat16 it computes in float32, its params upcast, when
+        # its config says force_upcast (`sdxl.vae_dtype`), as in diffusers' SDXL pipelines.
+        self.vae_dtype = (dtype if self.sdxl_settings is None
+                          else sdxl.vae_dtype(dtype, self.raw_configs.get("vae") or {}))
+        if self.vae_dtype != dtype:
+            params = {**params, "vae": jax.tree.map(lambda leaf: leaf.astype(self.vae_dtype), params["vae"])}
         # The embedded shapes model warns about prompt words it never learned (sdjax.embedded).
         self.is_embedded = is_embedded
-        # Data parallelism: params replicated over the mesh's devices, each device generates its share of a batch.
         self.mesh = mesh
-        self.params = jax.device_put(params, None if mesh is None else parallel.replicated(mesh))
+        self.params = self._placed(params)
         self.scheduler_config = scheduler_config
         self.dtype = dtype
         self.attention = attention
-        self.modules = {name: COMPONENTS[name].build(config, dtype, attention)
+        self.modules = {name: COMPONENTS[name].build(config, self.vae_dtype if name == "vae" else dtype, attention)
                         for name, config in self.configs.items()}
         self._text_fn = jax.jit(self._encode_tokens, static_argnames="clip_skip")
         self._encode_fn = jax.jit(self._encode_pixels)
@@ -78,7 +85,10 @@ class Pipeline:
             resolve_config(scheduler_config) if scheduler_config.get("_class_name") in CLASS_DEFAULTS
             else scheduler_config)
         self._models = generation.Models(self._encode_tokens, self._unet_apply, self._decode_scaled)
-        self._program = jax.jit(self._run_program, static_argnames="spec")
+        # On a mesh every output keeps the batch split over the devices, as the inputs are: a windowed run's carry
+        # goes back in as it came out.
+        self._program = jax.jit(self._run_program, static_argnames="spec",
+                                out_shardings=None if mesh is None else parallel.batch_sharding(mesh))
         self._executables: dict = {}  # (spec, param and input shapes) -> compiled generation program
         self._carry_shapes: dict = {}  # the same keys -> the sampler carry of a windowed program
         self._loras = lora.LoRAs()  # LoRA adapters: merged into self.params, or added inside the programs
@@ -101,7 +111,7 @@ class Pipeline:
         self._check_prompt_2(prompts_2)
         params = self._params_with_loras()
         if self.sdxl_settings is not None:
-            self._check_sdxl_call(prompt_syntax=prompt_syntax)
+            self._check_sdxl_call(prompt_syntax)
             if prompts_2 is not None and len(prompts_2) != len(prompts):
                 raise InvalidArgumentError(f"prompts_2 has {len(prompts_2)} entries for {len(prompts)} prompts")
             ids = self._sdxl_ids(prompts, prompts if prompts_2 is None else prompts_2)
@@ -236,9 +246,8 @@ class Pipeline:
         *path, leaf = textual_inversion.TOKEN_EMBEDDING
         params = jax.tree.map(lambda x: x, self.params[name])  # new containers, the same arrays
         holder = functools.reduce(lambda tree, key: tree[key], path, params)
-        holder[leaf] = jax.device_put(textual_inversion.grown_table(holder[leaf], rows, ids, size),
-                                      None if self.mesh is None else parallel.replicated(self.mesh))
-        self.params = {**self.params, name: params}
+        holder[leaf] = textual_inversion.grown_table(holder[leaf], rows, ids, size)
+        self.params = self._placed({**self.params, name: params})
         self.configs[name] = dataclasses.replace(self.configs[name], vocab_size=size)
         if name in self.raw_configs:
             self.raw_configs[name] = {**self.raw_configs[name], "vocab_size": size}
@@ -316,7 +325,7 @@ class Pipeline:
         sdxl.check_arguments(self.sdxl_settings, micro)
         self._check_prompt_2(prompt_2, negative_prompt_2)
         if self.sdxl_settings is not None:
-            self._check_sdxl_call(control, prompt_syntax)
+            self._check_sdxl_call(prompt_syntax)
         if guidance_scale is None:
             guidance_scale = embedded.GUIDANCE_SCALE if self.is_embedded else 7.5
         plan = self.sampling_plan(steps, sampler, schedule, sampler_options)
@@ -353,11 +362,12 @@ class Pipeline:
         if plan.model_timesteps is not None:
             inputs["model_timesteps"] = jnp.asarray(plan.model_timesteps, jnp.float32)
         program = generation.ProgramSpec(
-            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options, mesh=self.mesh,
+            sampler=plan.sampler, latent_shape=self._latent_shape(request), options=plan.options,
+            batch_shards=1 if self.mesh is None else self.mesh.size,
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
             pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec)
-        params = {**self.params, **self._loras.unmerged(lora_scales), **control_params}
+        params = self._placed({**self.params, **self._loras.unmerged(lora_scales), **control_params})
         return Generation(self, request, plan, params, inputs, program)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
@@ -448,17 +458,12 @@ class Pipeline:
         default = (self.raw_configs.get("unet", {}).get("sample_size") or 64) * factor
         return check_image_size(height or default, width or default, factor)
 
-    def _check_sdxl_call(self, control=None, prompt_syntax: str = "diffusers") -> None:
+    def _check_sdxl_call(self, prompt_syntax: str) -> None:
         """Refuse what sdjax's SDXL pipelines do not do yet, before anything runs."""
-        unsupported = []
-        if control is not None and (isinstance(control, Control) or len(control) > 0):
-            unsupported.append("ControlNet (control=)")
         if syntax.check_syntax(prompt_syntax) != "diffusers":
-            unsupported.append(f"prompt_syntax={prompt_syntax!r} (with two tokenizers)")
-        if unsupported:
-            raise InvalidArgumentError(f"{' and '.join(unsupported)} {'is' if len(unsupported) == 1 else 'are'} not "
-                                       f"supported with SDXL pipelines yet; txt2img, img2img and inpainting are, "
-                                       f"with plain prompts (prompt_syntax='diffusers')")
+            raise InvalidArgumentError(f"prompt_syntax={prompt_syntax!r} (with two tokenizers) is not supported with "
+                                       f"SDXL pipelines yet; txt2img, img2img, inpainting and ControlNet are, with "
+                                       f"plain prompts (prompt_syntax='diffusers')")
 
     def _handoff_plan(self, plan: SamplingPlan, start, end, latents, edit: "Edit | None") -> SamplingPlan:
         """The plan cut by denoising_start / denoising_end, after checking the call can take them."""
@@ -541,6 +546,8 @@ class Pipeline:
         controls = [] if controls is None else [controls] if isinstance(controls, Control) else list(controls)
         if not controls:
             return {}, (), {}
+        for control in controls:
+            check_fits_unet(control.controlnet.config, self.configs["unet"], control.controlnet.name)
         inputs = {"control_images": control_images(controls, request.count, request.height, request.width),
                   "control_scales": jnp.asarray([c.scale for c in controls], jnp.float32),
                   "control_starts": jnp.asarray([c.start for c in controls], jnp.float32),
@@ -551,16 +558,18 @@ class Pipeline:
     def _run(self, call: "Generation", show_progress: bool) -> "GenerationResult":
         request, plan, params, inputs, spec = call.request, call.plan, call.params, call.inputs, call.spec
         if self.mesh is not None:
-            inputs = self._shard(pad_batch(inputs, request.count, self.mesh.devices.size))
+            inputs = self._shard(pad_batch(inputs, request.count, self.mesh.size))
         if show_progress and plan.nfe is not None:
             images, latents, compile_seconds, started = self._run_windows(params, inputs, spec, plan)
         else:
             images, latents, compile_seconds, started = self._run_whole(params, inputs, spec)
-        images, finite = (np.asarray(a)[:request.count] for a in images)  # without a mesh's padding images
-        result = GenerationResult(images=images, latents=np.asarray(latents)[:request.count], seeds=request.seeds,
+        # Every process gets the whole batch (a collective with several processes), without a mesh's padding.
+        (images, finite), latents = jax.tree.map(lambda a: np.asarray(a)[:request.count],
+                                                 distributed.to_host((images, latents)))
+        result = GenerationResult(images=images, latents=latents, seeds=request.seeds,
                                   settings=dict(prompts=request.prompts, negative_prompts=request.negatives,
                                                 sampler=plan.sampler, schedule=plan.schedule, steps=plan.steps,
-                                                guidance_scale=float(inputs["guidance_scale"][0]),
+                                                guidance_scale=float(call.inputs["guidance_scale"][0]),
                                                 height=request.height, width=request.width,
                                                 **({"prompts_2": request.prompts_2,
                                                     "negative_prompts_2": request.negatives_2}
@@ -617,10 +626,21 @@ class Pipeline:
 
     def _shard(self, inputs: dict) -> dict:
         """Per-image inputs (a multiple of the device count: `pad_batch`) split over the mesh's devices along the
-        batch, shared inputs replicated."""
-        batch = parallel.batch_sharding(self.mesh)
-        return {key: jax.device_put(value, parallel.replicated(self.mesh) if key in generation.SHARED_INPUTS else batch)
-                for key, value in inputs.items()}
+        batch, shared inputs replicated; with several processes, each holds the same inputs and gives its devices
+        their rows."""
+        def sharding(key):
+            return parallel.replicated(self.mesh) if key in generation.SHARED_INPUTS else parallel.batch_sharding(
+                self.mesh)
+        shardings = {key: jax.tree.map(lambda _: sharding(key), value) for key, value in inputs.items()}
+        return distributed.to_global(inputs, shardings)
+
+    def _placed(self, params: dict) -> dict:
+        """Params on the pipeline's devices: on a mesh each array by the sharding rules (`parallel.param_shardings`),
+        every device given only its slice, so a model split over fsdp is never whole on one device; arrays already
+        placed so stay as they are."""
+        if self.mesh is None:
+            return jax.device_put(params)
+        return distributed.to_global(params, parallel.param_shardings(params, self.mesh))
 
     def _compiled(self, params: dict, inputs: dict, spec):
         """The compiled program for these input shapes and spec, and the seconds spent compiling it now (0 when
@@ -684,7 +704,7 @@ class Pipeline:
 
     def _encode_pixels(self, params, pixels, key):
         vae = self.modules["vae"]
-        posterior = vae.apply({"params": params}, pixels.astype(self.dtype), method=vae.encode)
+        posterior = vae.apply({"params": params}, pixels.astype(vae.dtype), method=vae.encode)
         latents = posterior.mean if key is None else posterior.sample(key)
         return scale_latents(latents, self.configs["vae"])
 
@@ -747,8 +767,9 @@ class Generation:
         """`images, finite = fn(params, per_image_inputs)`: this call as a pure function of the params and the
         per-image inputs (everything else bound), for your own `jax.jit` shardings or `jax.pmap` over a leading
         device axis. images: uint8 (N, H, W, 3); finite (N,): whether an image decoded to numbers (NaN and inf
-        become black at the uint8 conversion: check it). One device's program: no mesh inside."""
-        pipeline, spec = self.pipeline, dataclasses.replace(self.spec, mesh=None)
+        become black at the uint8 conversion: check it). The function holds no sharding: a pipeline on a mesh jits the
+        same program with its own shardings."""
+        pipeline, spec = self.pipeline, dataclasses.replace(self.spec, batch_shards=1)
         shared = {k: v for k, v in self.inputs.items() if k in generation.SHARED_INPUTS}
 
         def fn(params, per_image_inputs):
@@ -818,7 +839,7 @@ def pad_batch(inputs: dict, count: int, devices: int) -> dict:
             for key, value in inputs.items()}
 
 
-def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None,
+def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.float32, devices=None, mesh=None,
                   variant: str | None = None, attention: str = DEFAULT_ATTENTION, check_finite: bool = False,
                   config: str | os.PathLike | None = None, prediction_type: str | None = None) -> Pipeline:
     """Load a Stable Diffusion pipeline from a diffusers folder, a hub id, or a single-file checkpoint
@@ -830,6 +851,12 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     dtype: param and compute dtype (float32, bfloat16 or float16). variant: weight file variant ("fp16").
     devices: a list of devices to generate on in parallel: params are replicated on each and a batch of images
     is split between them (padded to a multiple of their count; default: the first local device only).
+    mesh: "data=N,fsdp=M" over `devices` (default: every device of every process; N * M = their count), or a
+    `jax.sharding.Mesh` with axes (data, fsdp) (`sdjax.parallel.make_mesh`): the batch is split over all the
+    devices, and with fsdp > 1 each large param is stored split over fsdp devices, placed slice by slice from the
+    host (never whole on one device). The compiler gathers them for the computation, per use inside the sampler
+    loop or hoisted out of it as it judges, so a call's peak memory per device depends on the model
+    (experiments/scaling/generation_memory.py measures it). The same images as on one device.
     check_finite: refuse weights that hold NaN or inf, naming the file and tensors (a pass over every weight; the
     CLI does it). Without it, a damaged weight shows as NonFiniteOutputError when it spoils an image.
     Single files only: config, a diffusers folder or hub id whose configs, tokenizers and scheduler go with the
@@ -843,8 +870,7 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
         dtype_name = str(dtype)
     if dtype_name not in _PARAM_DTYPES:
         raise InvalidArgumentError(f"dtype={dtype_name!r} is not supported; use one of {', '.join(_PARAM_DTYPES)}")
-    if devices is not None and len(devices) == 0:
-        raise InvalidArgumentError("devices=[] lists no device; pass None (the first device) or e.g. jax.devices()")
+    mesh = parallel.resolve_mesh(mesh, devices)  # before the (slow) load: a bad mesh fails at once
     source = model_folder(path_or_hub_id, variant)
     if source.is_file():
         loaded = single_file.read_pipeline(source, config=config, prediction_type=prediction_type, dtype=dtype,
@@ -855,7 +881,6 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     else:
         loaded = _read_folder(source, dtype, variant, check_finite)
     tokenizers = {name: load_tokenizer(folder) for name, folder in loaded.tokenizer_folders.items()}
-    mesh = None if devices is None else parallel.make_mesh(devices=devices)
     return Pipeline(loaded.configs, loaded.params, tokenizers.get("text_encoder"), loaded.scheduler_config,
                     dtype=dtype, attention=attention, raw_configs=loaded.raw_configs, mesh=mesh,
                     is_embedded=source == embedded.EMBEDDED_MODEL, tokenizer_2=tokenizers.get("text_encoder_2"),

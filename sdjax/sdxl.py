@@ -27,6 +27,13 @@ the rule is off).
 
 The ensemble of expert denoisers (diffusers' denoising_end on the base, denoising_start on the refiner) is a cut
 of the sampling plan (`sampling_plan.SamplingPlan.for_denoising`), not SDXL-specific.
+
+An SDXL ControlNet reads the same text_embeds and time_ids as the U-Net, both halves of guidance
+(StableDiffusionXLControlNetPipeline; `generation.control_residuals`).
+
+SDXL's VAE overflows in float16; its config says force_upcast, and diffusers' SDXL pipelines then run it in float32
+(`vae_dtype`). The rule is SDXL's: diffusers' SD 1.x / 2.x pipelines ignore the key (its default is true), and so
+does sdjax.
 """
 from __future__ import annotations
 
@@ -110,6 +117,20 @@ def check_models(configs: Mapping[str, Any], raw_configs: Mapping[str, Any], set
     if normalised:
         raise ConfigError(f"vae/config.json: {' and '.join(normalised)} are set; sdjax's SDXL pipelines do not "
                           f"normalise latents with them yet (diffusers does), so this model would give wrong images")
+
+
+def vae_dtype(dtype, raw_vae_config: Mapping[str, Any]):
+    """The dtype an SDXL pipeline of `dtype` computes and keeps its VAE in: float32 when `dtype` is float16 or bfloat16
+    and vae/config.json says force_upcast (absent: true, diffusers' default), else `dtype`.
+
+    diffusers upcasts the encoder under any dtype and the decoder under float16 only (bfloat16 has float32's range,
+    so it does not overflow there); sdjax keeps one VAE dtype, float32 under both. A VAE fine-tuned not to overflow
+    (madebyollin/sdxl-vae-fp16-fix) says force_upcast false and runs in `dtype`."""
+    force_upcast = raw_vae_config.get("force_upcast", True)
+    if not isinstance(force_upcast, bool):
+        raise ConfigError(f"vae/config.json: 'force_upcast' = {force_upcast!r} should be true or false")
+    low_precision = np.dtype(dtype) in (np.dtype(jnp.float16), np.dtype(jnp.bfloat16))
+    return jnp.float32 if force_upcast and low_precision else dtype
 
 
 def encode_text(modules: Mapping[str, Any], params: Mapping[str, Any], ids: Mapping[str, Any], clip_skip) -> dict:

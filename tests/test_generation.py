@@ -267,25 +267,6 @@ def test_scheduler_config_is_honoured_like_diffusers(model, class_name, override
     assert_images_match(ours.images, theirs)
 
 
-@pytest.mark.slow
-def test_a_batch_split_over_devices_gives_the_single_device_images(sd1_folder):
-    import jax
-    devices = jax.devices()[:4]  # conftest gives this process 8 CPU devices
-    assert len(devices) == 4
-    # A multistep SDE sampler: its history carry must vary over the mesh like the images (tests/samplers/test_mesh.py).
-    settings = dict(steps=3, sampler="dpmpp_2m_sde", schedule="karras", height=SIZE, width=SIZE,
-                    seeds=[3, 1, 4, 1, 5, 9, 2, 6], batch_invariant=True)
-    prompts = ["a cat", "a dog", "red", "blue", "moon", "city", "forest", "castle"]
-    single = sdjax.load_pipeline(sd1_folder[0]).generate(prompts, **settings)
-    parallel_pipeline = sdjax.load_pipeline(sd1_folder[0], devices=devices)
-    parallel = parallel_pipeline.generate(prompts, **settings)
-    np.testing.assert_array_equal(parallel.images, single.images)
-    # 6 images on 4 devices: padded to 8 by repeating the last image, the padding dropped from the result
-    six = parallel_pipeline.generate(prompts[:6], **{**settings, "seeds": settings["seeds"][:6]})
-    assert six.images.shape[0] == six.latents.shape[0] == 6
-    np.testing.assert_array_equal(six.images, single.images[:6])
-
-
 def test_the_pure_function_under_pmap_and_jit_gives_the_images_of_generate(sd1_folder):
     """diffusers-Flax style: params replicated by pmap, per-image inputs split along a leading device axis."""
     import jax

@@ -21,6 +21,24 @@ def test_mesh_sizes_multiply_to_the_device_count():
         parallel.parse_mesh("dp=8")
 
 
+def test_a_pipeline_mesh_comes_from_a_string_a_mesh_or_devices():
+    devices = jax.devices()[:4]
+    assert parallel.resolve_mesh() is None  # one device
+    assert dict(parallel.resolve_mesh(devices=devices).shape) == {"data": 4, "fsdp": 1}
+    assert dict(parallel.resolve_mesh("fsdp=2", devices).shape) == {"data": 2, "fsdp": 2}
+    assert list(parallel.resolve_mesh("fsdp=2", devices).devices.flat) == devices
+    mesh = parallel.make_mesh(fsdp=4)
+    assert parallel.resolve_mesh(mesh) is mesh
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        parallel.resolve_mesh(mesh, devices)
+    with pytest.raises(InvalidArgumentError, match=r"mesh axes \('batch',\): sdjax shards over axes"):
+        parallel.resolve_mesh(jax.sharding.Mesh(np.asarray(devices), ("batch",)))
+    with pytest.raises(InvalidArgumentError, match="data=3 x fsdp=1 = 3 devices, but there are 4"):
+        parallel.resolve_mesh("data=3", devices)
+    with pytest.raises(InvalidArgumentError, match="pass a string like 'data=4,fsdp=2'"):
+        parallel.resolve_mesh(4)
+
+
 def test_fsdp_splits_each_large_kernel_along_its_largest_divisible_axis():
     assert parallel.fsdp_spec((3, 3, 320, 640), 8) == jax.sharding.PartitionSpec(None, None, None, "fsdp")
     assert parallel.fsdp_spec((1280, 77), 8) == jax.sharding.PartitionSpec("fsdp")

@@ -1,10 +1,14 @@
 """SDXL base and refiner against diffusers' StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline and
-StableDiffusionXLInpaintPipeline in torch, float32, on tiny random-weight folders of SDXL's architecture
-(tests/fixtures.py): the prompt encoding, the U-Net's added conditioning, whole generations from the same starting
-noise (inpainting also with a 9-channel U-Net), the folder round trip, and the errors."""
+StableDiffusionXLInpaintPipeline (and StableDiffusionXLControlNetPipeline) in torch, float32, on tiny random-weight
+folders of SDXL's architecture (tests/fixtures.py): the prompt encoding, the U-Net's added conditioning, whole
+generations from the same starting noise (inpainting also with a 9-channel U-Net, and with a ControlNet), the VAE's
+force_upcast under float16, the folder round trip, and the errors."""
+import copy
+import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -15,10 +19,11 @@ from PIL import Image
 
 import sdjax
 from sdjax.errors import ConfigError, InvalidArgumentError
-from sdjax.sdxl import SDXLSettings
+from sdjax.models.controlnet import SD15_CONTROLNET
+from sdjax.sdxl import SDXLSettings, vae_dtype
 from tests import fixtures
 from tests.fixtures import assert_images_match, nchw
-from tests.models import errors, nhwc, torch_state_dict
+from tests.models import errors, nhwc, perturb_, torch_state_dict
 
 PROMPTS = ["a photo of a cat", "an astronaut riding a horse on the moon, detailed oil painting"]
 NEGATIVE = ["blurry", "ugly"]
@@ -275,6 +280,85 @@ def test_inpainting_unet_matches_diffusers(inpainting_model, encode_with_posteri
     assert_close(ours.latents, latents, LATENT_TOLERANCE)
 
 
+@pytest.fixture(scope="module")
+def controlnet(folders, tmp_path_factory):
+    """(folder, torch ControlNetModel): an SDXL ControlNet made from the tiny base U-Net by diffusers' from_unet (its
+    own add_embedding included), perturbed so that no zero conv stays zero, for control images at the output size."""
+    from diffusers import ControlNetModel
+    model = perturb_(ControlNetModel.from_unet(folders["base"][1].unet, conditioning_embedding_out_channels=(16, 32)),
+                     seed=11)
+    folder = tmp_path_factory.mktemp("sdxl_controlnet")
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder, model
+
+
+def test_controlnet_matches_diffusers(base, controlnet):
+    """StableDiffusionXLControlNetPipeline: the ControlNet reads the same pooled embedding and time ids as the U-Net
+    (sizes and crop corner off their defaults) in both halves of guidance, at a conditioning scale, and stops before
+    the last of 4 steps (control_guidance_end)."""
+    from diffusers import StableDiffusionXLControlNetPipeline
+    pipeline, reference = base
+    folder, torch_controlnet = controlnet
+    rng = np.random.default_rng(9)
+    hint = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    noise = rng.normal(size=(1, 16, 16, 4)).astype(np.float32)
+    settings = dict(guidance_scale=5.0, original_size=(64, 48), crops_coords_top_left=(4, 8))
+    ours = pipeline.generate(PROMPTS[1], NEGATIVE[0], steps=4, latents=noise, **settings,
+                             control=sdjax.Control(sdjax.load_controlnet(folder), hint, scale=0.8, end=0.75))
+    theirs = StableDiffusionXLControlNetPipeline(**reference.components, controlnet=torch_controlnet,
+                                                 add_watermarker=False)
+    images, latents = (theirs(PROMPTS[1], image=Image.fromarray(hint), negative_prompt=NEGATIVE[0],
+                              num_inference_steps=4, latents=nchw(noise), height=SIZE, width=SIZE,
+                              controlnet_conditioning_scale=0.8, control_guidance_end=0.75, output_type=kind,
+                              **settings).images for kind in ("np", "latent"))
+    check_images(ours.images, images)
+    assert_close(ours.latents, nhwc(latents), LATENT_TOLERANCE)
+
+
+def float16_vae_decode(folder, latents) -> tuple[set, np.ndarray]:
+    """(the dtypes of the VAE's params, its decoding of `latents`) in a float16 pipeline of `folder`."""
+    pipeline = sdjax.load_pipeline(folder, dtype=jnp.float16)
+    assert {leaf.dtype for leaf in jax.tree.leaves(pipeline.params["unet"])} == {np.dtype(np.float16)}
+    vae = pipeline.modules["vae"]
+    pixels = jax.jit(functools.partial(vae.apply, method=vae.decode))({"params": pipeline.params["vae"]}, latents)
+    return {leaf.dtype for leaf in jax.tree.leaves(pipeline.params["vae"])}, np.asarray(pixels)
+
+
+def test_force_upcast_runs_the_vae_in_float32_under_float16(folders, tmp_path):
+    """SDXL's vae/config.json says force_upcast: in a float16 pipeline the VAE computes in float32 from its float16
+    weights upcast, while the U-Net stays in float16, as diffusers' SDXL pipelines run them. Latents whose decoding
+    overflows float16 then decode as diffusers' upcast VAE decodes them; with force_upcast false the VAE stays in
+    float16 and overflows."""
+    folder, reference = folders["base"]
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    assert config["force_upcast"] is True
+    plain = tmp_path / "plain"  # the same model, its VAE config saying force_upcast false
+    (plain / "vae").mkdir(parents=True)
+    for path in folder.iterdir():
+        if path.name != "vae":
+            (plain / path.name).symlink_to(path)
+    (plain / "vae" / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    weights = "vae/diffusion_pytorch_model.safetensors"
+    (plain / weights).symlink_to(folder / weights)
+
+    # +-6e4 fits float16 (its largest number is 65504), yet the tiny VAE's first convolutions overflow it (from
+    # about +-4e4 on), as SDXL's VAE does deeper inside with ordinary latents
+    latents = 6e4 * np.sign(np.random.default_rng(3).normal(size=(1, 16, 16, 4))).astype(np.float32)
+    with torch.no_grad():  # diffusers' float16 weights, upcast
+        expected = nhwc(copy.deepcopy(reference.vae).half().float().decode(nchw(latents)).sample)
+    assert np.isfinite(expected).all()
+    params, pixels = float16_vae_decode(folder, latents)
+    assert params == {np.dtype(np.float32)} and pixels.dtype == np.float32
+    assert_close(pixels, expected)
+    params, pixels = float16_vae_decode(plain, latents)
+    assert params == {np.dtype(np.float16)} and pixels.dtype == np.float16
+    assert not np.isfinite(pixels).all()
+    # the rule: float32 under float16 and bfloat16, force_upcast true when absent (diffusers' default)
+    assert vae_dtype(jnp.bfloat16, {}) == jnp.float32 and vae_dtype(jnp.float32, config) == jnp.float32
+    with pytest.raises(ConfigError, match="'force_upcast' = 'yes' should be true or false"):
+        vae_dtype(jnp.float16, {"force_upcast": "yes"})
+
+
 @pytest.mark.parametrize("model, pipeline_class", [("base", StableDiffusionXLPipeline),
                                                     ("refiner", StableDiffusionXLImg2ImgPipeline)])
 def test_save_pretrained_round_trips_through_diffusers(model, pipeline_class, request, folders, tmp_path):
@@ -312,10 +396,13 @@ def test_what_sdxl_does_not_support_is_refused_before_anything_runs(base, refine
     pipeline, _ = base
     compiled = len(pipeline._executables), len(refiner[0]._executables)
     image = np.zeros((1, SIZE, SIZE, 3), np.uint8)
-    control = sdjax.Control(sdjax.ControlNet(config=None, params=None), image)
+    sd15_control = sdjax.Control(sdjax.ControlNet(SD15_CONTROLNET, params=None, name="control_v11p_sd15_canny"), image)
     cases = [
-        (lambda: pipeline.generate("a cat", control=control),
-         r"ControlNet \(control=\) is not supported with SDXL pipelines yet; txt2img, img2img and inpainting are"),
+        (lambda: pipeline.generate("a cat", control=sd15_control),
+         r"ControlNet 'control_v11p_sd15_canny' was not made for this pipeline's U-Net: its config has "
+         r"block_out_channels \(320, 640, 1280, 1280\) \(the U-Net's: \(32, 64\)\); .*cross_attention_dim 768 \(the "
+         r"U-Net's: 80\); addition_embed_type None \(the U-Net's: 'text_time'\).* Use a ControlNet trained for this "
+         r"base model"),
         (lambda: pipeline.generate("a cat", prompt_syntax="a1111"), "prompt_syntax='a1111'"),
         (lambda: pipeline.encode_prompt(["a cat"], prompt_syntax="a1111"), "prompt_syntax='a1111'"),
         (lambda: pipeline.generate("a cat", aesthetic_score=6.0),

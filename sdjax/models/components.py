@@ -105,7 +105,8 @@ COMPONENTS: dict[str, Component] = {
                               base_model_prefix="text_model"),
     "text_encoder_2": Component(CLIPTextModelWithProjection, configs.CLIPTextConfig, "CLIPTextModelWithProjection",
                                 "transformers", _text_inputs, presets={"sdxl": configs.SDXL_TEXT_2}),
-    "controlnet": Component(ControlNetModel, ControlNetConfig, "ControlNetModel", "diffusers", _controlnet_inputs),
+    "controlnet": Component(ControlNetModel, ControlNetConfig, "ControlNetModel", "diffusers", _controlnet_inputs,
+                            example_keywords=_unet_keywords),
 }
 
 STABLE_DIFFUSION = ("unet", "vae", "text_encoder")

@@ -1,10 +1,12 @@
-"""ControlNet for SD 1.x / 2.x (diffusers' `ControlNetModel`: architecture, parameter names; NHWC).
+"""ControlNet for SD 1.x / 2.x and SDXL (diffusers' `ControlNetModel`: architecture, parameter names; NHWC).
 
 A ControlNet is a trainable copy of the U-Net's down path and mid block whose input is the noisy latent plus
 an embedding of a control image (edges, depth, pose, ...). Every skip connection and the mid-block output
 pass through a 1x1 "zero conv" (zero-initialised in training) and come out as residuals that the U-Net adds
 to its own (`UNet2DConditionModel(..., down_block_additional_residuals, mid_block_additional_residual)`).
 The down path reuses the U-Net's blocks and their kwargs, so both build identical, identically named layers.
+An SDXL ControlNet (addition_embed_type "text_time") also reads the U-Net's added conditioning, the pooled prompt
+embedding and the time ids, through its own copy of `add_embedding`.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ import numpy as np
 
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
-from sdjax.models.configs import SD15_UNET, SD21_UNET, UNetConfig
+from sdjax.models.configs import SD15_UNET, SD21_UNET, SDXL_UNET, UNetConfig
 from sdjax.models.layers import MidBlock2D, make_conv
-from sdjax.models.unet import check_config, down_path, embed_timesteps, mid_block_kwargs
+from sdjax.models.unet import check_config, down_path, embed_additions, embed_timesteps, mid_block_kwargs
 
 Residuals = tuple[list[Any], Any]  # (one residual per U-Net skip connection, the mid-block residual)
 
@@ -49,9 +51,6 @@ class ControlNetConfig(UNetConfig):
         super().__post_init__()
         if self.mid_block_type is None:
             raise ValueError("mid_block_type must be set: a ControlNet always has a mid block")
-        if self.addition_embed_type is not None:
-            raise ValueError(f"addition_embed_type {self.addition_embed_type!r}: SDXL ControlNets are not supported "
-                             f"yet")
         if self.controlnet_conditioning_channel_order not in ("rgb", "bgr"):
             raise ValueError(f"controlnet_conditioning_channel_order must be 'rgb' or 'bgr', "
                              f"got {self.controlnet_conditioning_channel_order!r}")
@@ -77,6 +76,27 @@ def config_for_unet(unet: UNetConfig, **controlnet_keys) -> ControlNetConfig:
 
 SD15_CONTROLNET = config_for_unet(SD15_UNET)  # e.g. lllyasviel/control_v11p_sd15_canny
 SD21_CONTROLNET = config_for_unet(SD21_UNET)
+SDXL_CONTROLNET = config_for_unet(SDXL_UNET)  # e.g. diffusers/controlnet-canny-sdxl-1.0
+
+# The keys on which a ControlNet's residuals (their count and widths) and the conditioning it reads depend.
+_KEYS_SHARED_WITH_UNET = ("block_out_channels", "layers_per_block", "cross_attention_dim", "addition_embed_type",
+                          "addition_time_embed_dim", "projection_class_embeddings_input_dim")
+
+
+def _shared_value(config: UNetConfig, key: str):
+    """`key` of `config`, per block where config.json may give one int or a list (so 2 and [2, 2] are equal)."""
+    return config.per_block(key) if key == "layers_per_block" else getattr(config, key)
+
+
+def check_fits_unet(controlnet: ControlNetConfig, unet: UNetConfig, name: str = "controlnet") -> None:
+    """InvalidArgumentError naming the keys in which `controlnet` differs from `unet` so that its residuals or
+    conditioning would not fit (an SD 1.5 ControlNet on an SDXL U-Net, say)."""
+    differ = [f"{key} {_shared_value(controlnet, key)!r} (the U-Net's: {_shared_value(unet, key)!r})"
+              for key in _KEYS_SHARED_WITH_UNET if _shared_value(controlnet, key) != _shared_value(unet, key)]
+    if differ:
+        raise InvalidArgumentError(f"ControlNet {name!r} was not made for this pipeline's U-Net: its config has "
+                                   f"{'; '.join(differ)}. Use a ControlNet trained for this base model (an SDXL "
+                                   f"ControlNet for SDXL base, an SD 1.5 one for SD 1.5, ...)")
 
 
 class ControlNetConditioningEmbedding(nn.Module):
@@ -152,7 +172,8 @@ class ControlNetModel(nn.Module):
     [0, 1], conditioning_scale)` -> (down residuals, mid residual), NHWC, for the U-Net of the same config.
 
     f is `config.conditioning_downscale_factor` (8 for SD). `guess_mode` (static) weights residuals
-    log-spaced (see `guess_mode_scales`), as diffusers does.
+    log-spaced (see `guess_mode_scales`), as diffusers does. An SDXL ControlNet also takes the U-Net's
+    `text_embeds` (B, P) and `time_ids` (B, K), diffusers' `added_cond_kwargs`.
     """
     config: ControlNetConfig
     dtype: Any = jnp.float32
@@ -161,13 +182,15 @@ class ControlNetModel(nn.Module):
 
     @nn.compact
     def __call__(self, sample, timesteps, encoder_hidden_states, controlnet_cond, conditioning_scale=1.0,
-                 guess_mode: bool = False) -> Residuals:
+                 guess_mode: bool = False, *, text_embeds=None, time_ids=None) -> Residuals:
         config = self.config
         check_config(config)
         check_control_image(config, sample.shape, controlnet_cond.shape)
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = dict(common, attention_implementation=self.attention_implementation)
         temb = embed_timesteps(self, config, timesteps, sample.shape[0])
+        if config.addition_embed_type == "text_time":  # SDXL: the U-Net's added conditioning, as the U-Net adds it
+            temb = temb + embed_additions(self, config, text_embeds, time_ids)
         context = encoder_hidden_states.astype(self.dtype)
 
         if config.controlnet_conditioning_channel_order == "bgr":

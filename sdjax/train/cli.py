@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 
+from sdjax.cli import add_process_arguments, join_processes
 from sdjax.errors import ConfigError, SdjaxError
 from sdjax.train import config as config_lib
 from sdjax.train.config import TrainConfig, describe
@@ -44,14 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mesh", metavar="data=N,fsdp=M",
                         help="the devices to train on (the mesh config key): the batch splits over all of them, "
                              "params, optimizer state and EMA over fsdp")
-    multi = parser.add_argument_group("several processes (hosts): start one per host with the same arguments")
-    multi.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="process 0's address; with --num-processes and --process-id, joins a multi-process run "
-                            "(jax.distributed, gloo on CPU); 'auto': detect the cluster (Cloud TPU, SLURM)")
-    multi.add_argument("--num-processes", type=int, help="processes in the run")
-    multi.add_argument("--process-id", type=int, help="this process's index, 0 to --num-processes - 1")
-    multi.add_argument("--join-timeout", type=int, default=300, metavar="SECONDS",
-                       help="how long to wait for the other processes before giving up")
+    add_process_arguments(parser)
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="resume a run with other settings than its config.json (the change is listed in "
                              "runs.jsonl, the new settings in config.step_<N>.json; config.json is kept)")
@@ -68,11 +62,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _log_to_stderr(logging.getLogger("sdjax"))
     try:
-        if args.coordinator:  # before anything touches a device
-            from sdjax import distributed
-            auto = args.coordinator == "auto"
-            distributed.initialize(None if auto else args.coordinator, args.num_processes, args.process_id,
-                                   timeout=args.join_timeout)
+        join_processes(args)  # before anything touches a device
         overrides = args.overrides + ([f"mesh={args.mesh}"] if args.mesh else [])
         config = config_lib.load_config(args.config, overrides)
         if args.print_config:

@@ -271,8 +271,9 @@ def train(config: TrainConfig, workdir: str | Path, *,
         if primary:
             truncate_after(workdir / "eval.jsonl", start)  # evaluations past the checkpoint are repeated
             write_run_files(workdir, config, start, run.changed)
+        shardings = None if run.mesh is None else parallel.param_shardings(state.replace(frozen={}), run.mesh)
         train_step = make_train_step(task.loss_fn, run.optimizer, ema_decay=config.optimizer.ema_decay,
-                                     grad_accumulation=config.optimizer.grad_accumulation)
+                                     grad_accumulation=config.optimizer.grad_accumulation, state_shardings=shardings)
         step_key = jax.random.fold_in(jax.random.key(config.seed), _STEP_STREAM)
         evaluating = evaluate is not None and config.eval_every > 0
         # One pipeline for sample grids and evaluations, so its compiled functions are reused; params are swapped in.

@@ -52,9 +52,12 @@ def make_gradient_fn(loss_fn: LossFn, accumulation: int):
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, ema_decay: float,
-                    grad_accumulation: int = 1):
+                    grad_accumulation: int = 1, state_shardings=None):
     """The compiled step. The trained part of the input state is donated (its buffers become the output's);
-    the frozen components are passed through untouched, since the base model shares them."""
+    the frozen components are passed through untouched, since the base model shares them. On a mesh,
+    `state_shardings` (of the state without its frozen part) pins the new state to the shardings the state came
+    in with: left to the compiler, the first steps' outputs came back sharded otherwise, and each new sharding
+    compiled the step again."""
     gradients = make_gradient_fn(loss_fn, grad_accumulation)
 
     def apply(state: TrainState, grads) -> TrainState:
@@ -66,7 +69,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     def skip(state: TrainState, grads) -> TrainState:
         return state.replace(step=state.step + 1)
 
-    @functools.partial(jax.jit, donate_argnums=0)
+    @functools.partial(jax.jit, donate_argnums=0,
+                       out_shardings=None if state_shardings is None else (state_shardings, None))
     def update(state: TrainState, frozen, batch, key):
         grads, metrics = gradients(state.params, frozen, batch, key)
         grad_norm = optax.tree.norm(grads)

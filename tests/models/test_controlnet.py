@@ -1,4 +1,5 @@
-"""ControlNetModel against diffusers' PyTorch ControlNet: names, folder loading, residuals and the U-Net they drive.
+"""ControlNetModel against diffusers' PyTorch ControlNet: names, folder loading, residuals (SD 1.x / 2.x and SDXL's,
+which also read the pooled text embedding and the time ids) and the U-Net they drive.
 
 Every torch model is perturbed (no zero conv stays zero), saved with `save_pretrained` and read back with
 sdjax's loader, so the tests cover the files users download, not only the module.
@@ -18,8 +19,8 @@ from flax import traverse_util
 
 from sdjax.errors import ConfigError, InvalidArgumentError, WeightsError
 from sdjax.models import configs
-from sdjax.models.controlnet import (SD15_CONTROLNET, SD21_CONTROLNET, ControlNetConfig, ControlNetModel,
-                                     config_for_unet, sum_residuals)
+from sdjax.models.controlnet import (SD15_CONTROLNET, SD21_CONTROLNET, SDXL_CONTROLNET, ControlNetConfig,
+                                     ControlNetModel, config_for_unet, sum_residuals)
 from sdjax.models.components import COMPONENTS
 from sdjax.models.unet import UNet2DConditionModel
 from sdjax.weights import keymap, tensors
@@ -34,7 +35,14 @@ SD2_LIKE = ControlNetConfig(  # per-block heads, linear projections, upcast, BGR
     cross_attention_dim=32, attention_head_dim=(2, 4), use_linear_projection=True, upcast_attention=True,
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     conditioning_embedding_out_channels=(8, 16, 32), controlnet_conditioning_channel_order="bgr")
-CONFIGS = {"sd1_like": SD1_LIKE, "sd2_like": SD2_LIKE}
+SDXL_LIKE = ControlNetConfig(  # SDXL's layout (a plain first block, a list of transformer layers), its text_time
+    # added embedding of a pooled embedding of 16 and 6 time ids of 8 each
+    block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 2), norm_num_groups=16,
+    cross_attention_dim=40, attention_head_dim=(2, 4), use_linear_projection=True,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), addition_embed_type="text_time",
+    addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+    conditioning_embedding_out_channels=(16, 32))
+CONFIGS = {"sd1_like": SD1_LIKE, "sd2_like": SD2_LIKE, "sdxl_like": SDXL_LIKE}
 
 
 @pytest.fixture(scope="module")
@@ -63,13 +71,25 @@ def _inputs(config, batch, hw, seed=0):
     return sample, context, cond
 
 
-def _torch_residuals(torch_model, sample, t, context, cond, scale, guess_mode=False):
-    """diffusers' residuals as NHWC numpy; `torch_model` may be a MultiControlNetModel (then cond, scale: lists)."""
+def _added_inputs(config, batch) -> dict:
+    """An SDXL ControlNet's text_embeds (B, P) and time_ids (B, 6) (sizes and crop corners); {} for SD 1.x / 2.x."""
+    if config.addition_embed_type is None:
+        return {}
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    rng = np.random.RandomState(100)
+    return {"text_embeds": rng.randn(batch, pooled).astype(np.float32),
+            "time_ids": rng.choice([0.0, 8.0, 32.0, 512.0, 768.0, 1024.0], (batch, 6)).astype(np.float32)}
+
+
+def _torch_residuals(torch_model, sample, t, context, cond, scale, guess_mode=False, added=None):
+    """diffusers' residuals as NHWC numpy; `torch_model` may be a MultiControlNetModel (then cond, scale: lists);
+    added: SDXL's text_embeds and time_ids."""
     tensor = lambda x: torch.from_numpy(nchw(x))  # noqa: E731
     cond = [tensor(c) for c in cond] if isinstance(cond, list) else tensor(cond)
     with torch.no_grad():
         down, mid = torch_model(tensor(sample), torch.as_tensor(t), torch.from_numpy(context), cond,
-                                conditioning_scale=scale, guess_mode=guess_mode, return_dict=False)
+                                conditioning_scale=scale, guess_mode=guess_mode, return_dict=False,
+                                added_cond_kwargs={k: torch.from_numpy(v) for k, v in (added or {}).items()})
     return [nhwc(r) for r in down], nhwc(mid)
 
 
@@ -90,8 +110,8 @@ def _keys(shapes):
     return {keymap.torch_key(path) for path in traverse_util.flatten_dict(shapes)}
 
 
-@pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE, SD15_CONTROLNET, SD21_CONTROLNET],
-                         ids=["sd1_like", "sd2_like", "sd15", "sd21"])
+@pytest.mark.parametrize("config", [SD1_LIKE, SD2_LIKE, SDXL_LIKE, SD15_CONTROLNET, SD21_CONTROLNET, SDXL_CONTROLNET],
+                         ids=["sd1_like", "sd2_like", "sdxl_like", "sd15", "sd21", "sdxl"])
 def test_parameter_names_and_count_match_diffusers(config):
     with torch.device("meta"):
         torch_model = TorchControlNet(**config.to_dict())
@@ -104,14 +124,16 @@ def test_parameter_names_and_count_match_diffusers(config):
 @pytest.mark.parametrize("name,batch,hw,timesteps", [
     ("sd1_like", 2, (8, 12), np.array([999.0, 17.0], np.float32)),
     ("sd2_like", 3, (12, 8), np.array([1, 500, 980], np.int64)),
+    ("sdxl_like", 2, (8, 8), np.array([981, 3], np.int64)),
 ])
 def test_residuals_match_diffusers(saved, name, batch, hw, timesteps):
     torch_model, folder = saved(name)
     config, params = load_controlnet(folder)
     assert config == CONFIGS[name]
     sample, context, cond = _inputs(config, batch, hw)
-    out = _apply(ControlNetModel(config), params, sample, timesteps, context, cond, jnp.float32(0.5))
-    ref = _torch_residuals(torch_model, sample, timesteps, context, cond, 0.5)
+    added = _added_inputs(config, batch)  # SDXL's pooled embedding and time ids
+    out = _apply(ControlNetModel(config), params, sample, timesteps, context, cond, jnp.float32(0.5), **added)
+    ref = _torch_residuals(torch_model, sample, timesteps, context, cond, 0.5, added=added)
     rel, max_abs = _worst_error(out, ref)
     print(f"\nControlNet {name} {batch}x{hw} scale 0.5: worst relative L2 {rel:.3g}, max abs {max_abs:.3g}")
     assert rel <= TOL
@@ -200,7 +222,7 @@ def test_config_for_other_weights_is_a_weights_error(saved, tmp_path):
     ("up_block_types", ["UpBlock2D"] * 4, "up_block_types"),
     ("mid_block_type", None, "always has a mid block"),
     ("controlnet_conditioning_channel_order", "rbg", "'rgb' or 'bgr'"),
-    ("addition_embed_type", "text_time", "addition_embed_type"),
+    ("addition_embed_type", "text", "addition_embed_type 'text' is not supported"),
 ])
 def test_unsupported_config_is_a_config_error(key, value, message):
     with pytest.raises(ConfigError, match=message):

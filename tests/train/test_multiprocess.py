@@ -1,6 +1,7 @@
 """A real multi-process run: 2 processes x 2 CPU devices, coordinated by jax.distributed over gloo, train the tiny
 experiment on one data=4 mesh, each reading only its share of the data; a second launch restores the checkpoint
-and finishes. The result must agree with one process training the same global batches on 4 devices."""
+and finishes. The result must agree with one process training the same global batches on 4 devices. The same
+two processes generate a batch on a data=2,fsdp=2 mesh: the images of one device, written once."""
 import json
 import os
 import socket
@@ -29,11 +30,16 @@ SETTINGS = ["checkpoint_every=2", "batch_size=8"]
 def launch(tiny_overrides, workdir, cache, *extra, flags=()) -> list[subprocess.CompletedProcess]:
     """`sdjax train --set EXTRA... FLAGS` in 2 processes with 2 CPU devices each, all waited for; the second
     launch reads the first one's compiled programs from the cache."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": "",
-           "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     command = [sys.executable, "-m", "sdjax.train.cli", str(EXPERIMENT), "--workdir", str(workdir), "--mesh",
-               "data=4", "--coordinator", f"localhost:{free_port()}", "--num-processes", "2", *flags,
-               *[arg for item in [*tiny_overrides, *SETTINGS, *extra] for arg in ("--set", item)]]
+               "data=4", *flags, *[arg for item in [*tiny_overrides, *SETTINGS, *extra] for arg in ("--set", item)]]
+    return run_two_processes(command, {"JAX_COMPILATION_CACHE_DIR": str(cache),
+                                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"})
+
+
+def run_two_processes(command: list[str], env: dict) -> list[subprocess.CompletedProcess]:
+    """`command` as processes 0 and 1 of one run, 2 CPU devices each, both waited for and required to succeed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_NUM_CPU_DEVICES": "2", "XLA_FLAGS": "", **env}
+    command = [*command, "--coordinator", f"localhost:{free_port()}", "--num-processes", "2"]
     running = [subprocess.Popen(command + ["--process-id", str(i)], cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
@@ -73,6 +79,24 @@ def test_two_processes_train_and_resume_like_one(tiny_overrides, compilation_cac
     starts = [json.loads(line)["start_step"] for line in (workdir / "runs.jsonl").read_text().splitlines()]
     assert starts == [0, 3]
     assert not (workdir / "config.step_3.json").read_text() == (workdir / "config.json").read_text()
+
+
+def test_two_processes_generate_the_images_of_one_device(sd1_folder, tmp_path):
+    """`sdjax generate` on a data=2,fsdp=2 mesh over both processes' devices: process 0 alone writes the images."""
+    import sdjax
+    from sdjax.images import load_image
+
+    settings = dict(steps=2, sampler="dpmpp_2m", height=32, width=32, seeds=[0, 1, 2, 3])
+    out = tmp_path / "out"
+    out.mkdir()
+    run_two_processes([sys.executable, "-m", "sdjax.cli", "generate", "a cat", "--model", str(sd1_folder[0]),
+                       "--steps", "2", "--sampler", "dpmpp_2m", "--size", "32x32", "--seed", "0,1,2,3",
+                       "--mesh", "data=2,fsdp=2", "--no-compile-cache", "--out", str(out)], {})
+    written = sorted(out.iterdir())
+    assert [path.name for path in written] == [f"{i:05d}-{i}.png" for i in range(4)]  # once, not per process
+    one_device = sdjax.load_pipeline(sd1_folder[0]).generate("a cat", **settings).images
+    images = np.stack([load_image(path) for path in written])
+    assert np.abs(images.astype(int) - one_device).max() <= 1
 
 
 def test_an_unreachable_coordinator_is_a_clear_error_in_bounded_time(tmp_path):

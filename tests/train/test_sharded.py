@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from sdjax import parallel
 from sdjax.errors import ConfigError
 from tests.train.conftest import run_training
 
@@ -27,6 +28,12 @@ def test_a_run_on_a_mesh_trains_the_params_of_one_device(one_device, tiny_overri
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7, np.abs(a - b).max()
     split = [any(axis == "fsdp" for axis in leaf.sharding.spec) for leaf in ours]
     assert any(split) and not all(split)  # the large kernels are split over fsdp, the small arrays replicated
+    # Every step returns the state sharded as it came in (else each new sharding compiles the step again).
+    state = sharded.state.replace(frozen={})
+    rules = parallel.param_shardings(state, parallel.parse_mesh("data=2,fsdp=4"))
+    mismatched = [jax.tree_util.keystr(path) for path, same in jax.tree_util.tree_leaves_with_path(
+        jax.tree.map(lambda leaf, rule: leaf.sharding.is_equivalent_to(rule, leaf.ndim), state, rules)) if not same]
+    assert mismatched == []
     assert sharded.last_metrics["loss"] == pytest.approx(one_device.last_metrics["loss"], rel=1e-5)
 
 
