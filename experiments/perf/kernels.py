@@ -105,14 +105,18 @@ def measure(reps: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict], reps: int) -> str:
+def machine() -> str:
+    """The line every table starts with: the CPU, the library versions, torch's threads and XLA_FLAGS."""
     import jax
     import torch
 
+    return (f"CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
+def markdown(rows: list[dict], reps: int) -> str:
     upcast = ", ".join(f"{op} {'in float32' if yes else 'in bfloat16'}" for op, yes in bfloat16_upcast().items())
-    lines = [f"CPU: {cpu_model()}; {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-             f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-             f"median of {reps}, interleaved. XLA:CPU computes bfloat16 {upcast}.\n",
+    lines = [f"{machine()}; median of {reps}, interleaved. XLA:CPU computes bfloat16 {upcast}.\n",
              "| kernel | dtype | sdjax GFLOP/s | torch GFLOP/s | sdjax / torch time |", "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['kernel']} | {row['dtype']} | {row['flops'] / row['sdjax'] / 1e9:.1f} | "

@@ -11,13 +11,12 @@ the shapes world and its loss masks, as the recipe's cached-latent batches are.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 
-from experiments.perf.kernels import cpu_model, publish
+from experiments.perf.kernels import machine, publish
 
 RECIPE_CONFIG = Path(__file__).parents[1] / "shapes" / "train_unet.py"
 
@@ -128,9 +127,6 @@ def torch_step(batch: dict, config, tokenize):
 
 
 def measure(batch_size: int, reps: int) -> tuple[list[dict], dict]:
-    import jax
-    import torch
-
     from sdjax.embedded import EMBEDDED_MODEL
     from sdjax.pipeline import load_pipeline
 
@@ -156,14 +152,11 @@ def measure(batch_size: int, reps: int) -> tuple[list[dict], dict]:
         medians = {side: float(np.median(values)) for side, values in times.items()}
         rows.append({"part": part, **medians})
         print(f"{part:28s} sdjax {medians['sdjax'] * 1e3:8.1f} ms   torch {medians['torch'] * 1e3:8.1f} ms", flush=True)
-    info = {"batch": batch_size, "compile": compile_seconds, "jax": jax.__version__, "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
-    return rows, info
+    return rows, {"batch": batch_size, "compile": compile_seconds}
 
 
 def markdown(rows: list[dict], info: dict, reps: int) -> str:
-    lines = [f"CPU: {cpu_model()}; {os.cpu_count()} cores; jax {info['jax']}, torch {info['torch']} "
-             f"({info['threads']} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}. The shapes recipe's U-Net "
+    lines = [f"{machine()}. The shapes recipe's U-Net "
              f"stage, batch {info['batch']}, float32; median of {reps}, interleaved. sdjax compiled the three "
              f"programs in {info['compile']:.0f} s (with whatever the persistent cache held).\n",
              "| part | sdjax ms | torch ms | sdjax / torch time |", "|---|---|---|---|"]
