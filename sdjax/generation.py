@@ -154,27 +154,41 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         if spec.inpaint == "blend":
             x = blend(x, image["image_latents"], image["mask"], noise, sigmas[-1])
         latents = x if spec.ve_latents else to_vp(x, sigmas[-1])
-        def decode(latents):
-            pixels = models.decode(params["vae"], latents)
-            return to_uint8(pixels)[0], jnp.all(jnp.isfinite(pixels))
         if not spec.windowed:
-            return decode(latents), latents[0]
+            return latents[0]
         if window.scans != 1:
             raise InvalidArgumentError(f"sampler {spec.sampler!r} does not loop over a fixed grid of steps, so it "
                                        f"cannot run a window of steps at a time")
-        blank = lambda latents: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype), jax.eval_shape(decode, latents))
-        images = jax.lax.cond(inputs["window_stop"] >= sigmas.shape[0] - 1, decode, blank, latents)
-        return images, latents[0], window.final_carry
+        return latents[0], window.final_carry
+
+    def decode(latents):  # one image's (h, w, c) latents -> its uint8 pixels and whether all were numbers
+        pixels = models.decode(params["vae"], latents[None])
+        return to_uint8(pixels)[0], jnp.all(jnp.isfinite(pixels))
+
+    def each_image(fn, batch, together: bool):
+        """fn on every image of the batch: side by side (vmap) when `together`, else one after another on each
+        device's block of the batch (the blocks side by side: a plain lax.map over a batch split over devices
+        would run every image on every device)."""
+        if together:
+            return jax.vmap(fn)(batch)
+        if spec.batch_shards == 1:
+            return jax.lax.map(fn, batch)
+        shards = jax.tree.map(lambda v: v.reshape(spec.batch_shards, -1, *v.shape[1:]), batch)
+        outputs = jax.vmap(lambda shard: jax.lax.map(fn, shard))(shards)
+        return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), outputs)
 
     per_image = {k: v for k, v in inputs.items() if k not in SHARED_INPUTS}
-    if not spec.batch_invariant:
-        return jax.vmap(one_image)(per_image)
-    if spec.batch_shards == 1:
-        return jax.lax.map(one_image, per_image)
-    # each device's contiguous block of the batch becomes one row of the vmapped axis, which the compiler splits
-    shards = jax.tree.map(lambda v: v.reshape(spec.batch_shards, -1, *v.shape[1:]), per_image)
-    outputs = jax.vmap(lambda shard: jax.lax.map(one_image, shard))(shards)
-    return jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), outputs)
+    sampled = each_image(one_image, per_image, together=not spec.batch_invariant)
+    # The VAE decodes one image at a time whatever the mode: decoding a batch of 512x512 images at once holds
+    # several GB of activations (SD 1.5, batch 4: the generation's peak memory), one at a time a quarter of it.
+    decode_all = lambda latents: each_image(decode, latents, together=False)  # noqa: E731
+    if not spec.windowed:
+        return decode_all(sampled), sampled
+    latents, carry = sampled
+    blank = lambda latents: jax.tree.map(lambda v: jnp.zeros(v.shape, v.dtype),  # noqa: E731
+                                         jax.eval_shape(decode_all, latents))
+    images = jax.lax.cond(inputs["window_stop"] >= sigmas.shape[0] - 1, decode_all, blank, latents)
+    return images, latents, carry
 
 
 SHARED_INPUTS = ("sigmas", "init_noise_sigma", "model_timesteps", "control_scales", "control_starts",
