@@ -367,7 +367,8 @@ class Pipeline:
             prediction_type=self.scheduler_config.get("prediction_type", "epsilon"),
             quantize_timesteps=plan.quantize_timesteps, clip_skip=clip_skip, controlnets=controlnets,
             pinned_timesteps=plan.model_timesteps is not None, ve_latents=plan.ve_latents, **spec)
-        params = self._placed({**self.params, **self._loras.unmerged(lora_scales), **control_params})
+        # self.params are placed already; only this call's unmerged LoRAs and ControlNets need placing
+        params = {**self.params, **self._placed({**self._loras.unmerged(lora_scales), **control_params})}
         return Generation(self, request, plan, params, inputs, program)
 
     def img2img(self, image, prompt: str | Sequence[str], negative_prompt=None, *, strength: float = 0.8,
