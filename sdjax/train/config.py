@@ -106,6 +106,9 @@ class VAELossConfig:
 class OptimizerConfig:
     """AdamW with linear warmup then a constant or cosine learning rate, global-norm clipping, and an EMA."""
     learning_rate: float = option(1e-4, "peak learning rate")
+    text_encoder_learning_rate: float = option(0.0, "peak learning rate of the text encoder when it trains beside "
+                                               "the U-Net, on the same schedule (kohya's text_encoder_lr); 0 uses "
+                                               "learning_rate")
     schedule: str = option("constant", "after warmup: constant or cosine (decays over num_steps)")
     warmup_steps: int = option(0, "steps of linear warmup from 0")
     final_learning_rate_fraction: float = option(0.0, "cosine: final learning rate as a fraction of the peak")
@@ -120,6 +123,7 @@ class OptimizerConfig:
     def __post_init__(self):
         _check_choice("optimizer.schedule", self.schedule, ("constant", "cosine"))
         _check_positive("optimizer.learning_rate", self.learning_rate)
+        _check_positive("optimizer.text_encoder_learning_rate", self.text_encoder_learning_rate, allow_zero=True)
         _check_positive("optimizer.warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optimizer.max_grad_norm", self.max_grad_norm, allow_zero=True)
         _check_positive("optimizer.grad_accumulation", self.grad_accumulation)

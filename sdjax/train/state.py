@@ -25,9 +25,10 @@ class TrainState:
     frozen: dict[str, Any]   # read by the loss, not trained, not checkpointed
 
 
-def learning_rate_schedule(config: OptimizerConfig, num_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 over warmup_steps, then constant, or cosine down to final_learning_rate_fraction."""
-    peak, warmup = config.learning_rate, config.warmup_steps
+def learning_rate_schedule(config: OptimizerConfig, num_steps: int, peak: float | None = None) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_steps, then constant, or cosine down to final_learning_rate_fraction
+    (of `peak`, by default config.learning_rate)."""
+    peak, warmup = config.learning_rate if peak is None else peak, config.warmup_steps
     if config.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(num_steps, warmup + 1),
                                                   end_value=peak * config.final_learning_rate_fraction)
@@ -35,12 +36,20 @@ def learning_rate_schedule(config: OptimizerConfig, num_steps: int) -> optax.Sch
 
 
 def make_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping (when max_grad_norm > 0), then AdamW on the scheduled learning rate."""
-    adamw = optax.adamw(learning_rate_schedule(config, num_steps), b1=config.b1, b2=config.b2, eps=config.eps,
-                        weight_decay=config.weight_decay)
+    """Global-norm clipping (when max_grad_norm > 0), then AdamW on the scheduled learning rate; the text
+    encoder's params on their own peak when text_encoder_learning_rate is set (clipping stays global)."""
+    def adamw(peak):
+        return optax.adamw(learning_rate_schedule(config, num_steps, peak), b1=config.b1, b2=config.b2,
+                           eps=config.eps, weight_decay=config.weight_decay)
+
+    update = adamw(config.learning_rate)
+    if config.text_encoder_learning_rate and config.text_encoder_learning_rate != config.learning_rate:
+        labels = lambda params: {name: jax.tree.map(lambda _: name == "text_encoder", tree)
+                                 for name, tree in params.items()}
+        update = optax.multi_transform({False: update, True: adamw(config.text_encoder_learning_rate)}, labels)
     if config.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), update)
+    return update
 
 
 def create_state(params: dict, frozen: dict, optimizer: optax.GradientTransformation) -> TrainState:

@@ -100,3 +100,15 @@ def test_train_step_updates_params_ema_and_step_and_keeps_frozen():
     assert int(new.step) == 1 and new.frozen is frozen and float(metrics["grad_norm"]) > 0
     # decay at step 0 is min(0.5, 1/10): the EMA moves 90% of the way to the new params
     np.testing.assert_allclose(new.ema_params["w"], 0.1 * 1.0 + 0.9 * new.params["w"], rtol=1e-6)
+
+
+def test_text_encoder_learning_rate_sets_its_own_step_size():
+    # Adam's first update is lr * sign(gradient) (up to eps): each component moves by its own peak.
+    config = OptimizerConfig(learning_rate=0.1, text_encoder_learning_rate=0.01, weight_decay=0.0, max_grad_norm=0.0)
+    optimizer = make_optimizer(config, 10)
+    params = {"unet": {"w": jnp.ones(3)}, "text_encoder": {"w": jnp.ones(3)}}
+    gradients = {"unet": {"w": jnp.array([1.0, -2.0, 3.0])}, "text_encoder": {"w": jnp.array([-1.0, 2.0, 0.5])}}
+    updates, _ = optimizer.update(gradients, optimizer.init(params), params)
+    np.testing.assert_allclose(updates["unet"]["w"], -0.1 * np.sign(gradients["unet"]["w"]), rtol=1e-5)
+    np.testing.assert_allclose(updates["text_encoder"]["w"], -0.01 * np.sign(gradients["text_encoder"]["w"]),
+                               rtol=1e-5)
