@@ -8,8 +8,12 @@ decoded are skipped with a `SkippedImageWarning` and counted, so one bad file do
 
 The iterator's whole state is (epoch, position): the order of each epoch is a permutation drawn from
 (seed, epoch) and each example's flip from the same generator, so restoring those two integers replays the
-exact batches an uninterrupted run would have seen. Grain would give the same guarantee plus worker
-processes; a 100-line iterator keeps the dependency out until multi-host input pipelines need it.
+exact batches an uninterrupted run would have seen. With several processes the order is dealt into a fixed
+number of streams (`data.streams`), each process reads only its own, and a checkpoint records every stream's
+position: a run saved on N processes resumes on any process count that divides the streams. Grain (the JAX
+ecosystem's loader) gives determinism and checkpoints too, and adds worker processes; its checkpointed state
+belongs to each process's shard, and decoding is cheap here (the U-Net stage trains from cached latents), so the
+dependency stays out until a pixel pipeline needs parallel decoding.
 """
 from __future__ import annotations
 

@@ -109,3 +109,16 @@ def test_iterator_is_deterministic_and_restores_exactly_across_epochs():
     resumed = BatchIterator(Indices(5), batch_size=3, seed=1)
     resumed.restore(json.loads(json.dumps(first.state())))
     assert take(resumed, 4) == seen[2:]
+
+
+def test_streams_read_by_two_processes_resume_on_one():
+    """Each process reads its own stream; the merged position (what a checkpoint records) resumes the run on one
+    process reading both, with the batches an uninterrupted run would have seen."""
+    whole = take(BatchIterator(Indices(7), batch_size=4, seed=3, streams=2), 6)
+    halves = [BatchIterator(Indices(7), batch_size=4, seed=3, streams=2, owned=[s]) for s in (0, 1)]
+    parts = [[list(b["index"]) for b in (next(h) for _ in range(2))] for h in halves]
+    assert [p0 + p1 for p0, p1 in zip(*parts)] == [list(batch[:4]) for batch in whole[:2]]
+    merged = {"streams": [row for h in halves for row in h.state()["streams"]], "num_examples": 7}
+    resumed = BatchIterator(Indices(7), batch_size=4, seed=3, streams=2)
+    resumed.restore(json.loads(json.dumps(merged)))
+    assert take(resumed, 4) == whole[2:]
