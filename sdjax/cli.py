@@ -63,7 +63,7 @@ def _single_file_arguments(parser: argparse.ArgumentParser) -> None:
                              "say (default: v_prediction for SD 2.x as diffusers, else epsilon or --config's)")
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla")
+ATTENTION_IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla", "pallas")
 """sdjax.models.attention.IMPLEMENTATIONS, named here so that `--help` does not import jax (tests/test_cli.py
 checks that the two agree)."""
 

@@ -8,9 +8,13 @@ Backends share one signature so speed work changes only this file:
   through memory several times; this runs 3.5x faster, within 10% of torch's SDPA on the same CPU
   (experiments/perf/results/kernels_*.md);
 - "xla": `jax.nn.dot_product_attention` (fused cuDNN kernel on GPU where available);
+- "pallas": the Pallas flash attention kernel for TPU that ships with JAX (online softmax over key blocks in VMEM,
+  its own backward pass); lengths and head size padded to its 128-lane tiles, padded keys masked out by segment
+  ids. Masked attention (the text encoder's causal mask) goes to "xla": only the U-Net's long sequences need it.
+  Off TPU it runs only in Pallas' interpret mode (`pltpu.force_tpu_interpret_mode()`, how the tests check it);
 - "auto" (the default): on CPU "blocked" where a (batch, head) pair has at least BLOCKED_MIN_SCORES scores, else
-  "einsum" (the loop's per-pair overhead outweighs its cache gain on short sequences); "xla" on GPU and TPU (a loop
-  over heads would serialise them there).
+  "einsum" (the loop's per-pair overhead outweighs its cache gain on short sequences); "pallas" on TPU for
+  unmasked attention; "xla" otherwise (a loop over heads would serialise them on an accelerator).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import jax.numpy as jnp
 
 from sdjax.errors import InvalidArgumentError
 
-IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla")
+IMPLEMENTATIONS = ("auto", "blocked", "einsum", "chunked", "xla", "pallas")
 DEFAULT = "auto"
 BLOCK_SCORES = 1 << 21
 """Scores per query block of the "blocked" backend: 512 queries of 4096 keys (8 MiB in float32). Measured on a Zen 4
@@ -39,14 +43,16 @@ def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str =
     upcast: compute scores and softmax in float32 whatever the input dtype (diffusers' upcast_attention).
     """
     if implementation == "auto":
-        implementation = auto_implementation(q.shape[1], k.shape[1])
+        implementation = auto_implementation(q.shape[1], k.shape[1], masked=mask is not None)
+    if implementation == "pallas" and mask is None:
+        return _pallas_attention(q, k, v, upcast)
     if implementation == "blocked":
         return _blocked_attention(q, k, v, mask, upcast)
     if implementation == "einsum":
         return _einsum_attention(q, k, v, mask, upcast)
     if implementation == "chunked":
         return _chunked_attention(q, k, v, mask, upcast, chunk_size)
-    if implementation == "xla":
+    if implementation in ("xla", "pallas"):
         if upcast:
             out = jax.nn.dot_product_attention(q.astype(jnp.float32), k.astype(jnp.float32),
                                                v.astype(jnp.float32), mask=mask)
@@ -56,8 +62,10 @@ def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str =
         f"unknown attention implementation {implementation!r}; choose one of {', '.join(IMPLEMENTATIONS)}")
 
 
-def auto_implementation(q_len: int, kv_len: int) -> str:
+def auto_implementation(q_len: int, kv_len: int, masked: bool = False) -> str:
     """The backend "auto" picks for attention of q_len queries over kv_len keys on the default backend."""
+    if jax.default_backend() == "tpu" and not masked:
+        return "pallas"
     if jax.default_backend() != "cpu":
         return "xla"
     return "blocked" if q_len * kv_len >= BLOCKED_MIN_SCORES else "einsum"
@@ -129,3 +137,44 @@ def _blocked_attention(q, k, v, mask, upcast):
 
     out = jax.lax.map(pair, inputs).reshape(batch, heads, blocks * block, head_dim)[:, :, :q_len]
     return out.transpose(0, 2, 1, 3)
+
+
+PALLAS_TILE = 128  # the TPU kernel's minimum block: lengths and head size are padded to multiples of it
+
+
+def _pallas_attention(q, k, v, upcast):
+    """JAX's Pallas TPU flash attention on (batch, length, heads, head_dim) arrays. Zero-padded head dims add
+    nothing to the scores (and give zero output columns, dropped); padded queries are dropped; padded keys carry
+    segment id 0, which no query (id 1) attends to."""
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    batch, q_len, heads, head_dim = q.shape
+    kv_len = k.shape[1]
+    out_dtype = v.dtype
+    if upcast:
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    padded = lambda n: -(-n // PALLAS_TILE) * PALLAS_TILE
+    q_pad, kv_pad, dim_pad = padded(q_len), padded(kv_len), padded(head_dim)
+
+    def per_head(x, length_pad):  # (batch, length, heads, dim) -> (batch, heads, padded length, padded dim)
+        x = jnp.pad(x, ((0, 0), (0, length_pad - x.shape[1]), (0, 0), (0, dim_pad - head_dim)))
+        return x.transpose(0, 2, 1, 3)
+
+    segments = tpu_flash.SegmentIds(q=jnp.ones((batch, q_pad), jnp.int32),
+                                    kv=(jnp.arange(kv_pad) < kv_len).astype(jnp.int32)[None].repeat(batch, 0))
+    block_q, block_k = (_largest_block(n) for n in (q_pad, kv_pad))
+    blocks = tpu_flash.BlockSizes(
+        block_q=block_q, block_k_major=block_k, block_k=block_k, block_b=1,
+        block_q_major_dkv=block_q, block_k_major_dkv=block_k, block_k_dkv=block_k, block_q_dkv=block_q,
+        block_k_major_dq=block_k, block_k_dq=block_k, block_q_dq=block_q)
+    out = tpu_flash.flash_attention(per_head(q, q_pad), per_head(k, kv_pad), per_head(v, kv_pad),
+                                    segment_ids=segments, sm_scale=head_dim ** -0.5, block_sizes=blocks)
+    return out.transpose(0, 2, 1, 3)[:, :q_len, :, :head_dim].astype(out_dtype)
+
+
+def _largest_block(length: int, largest: int = 512) -> int:
+    """The largest power-of-two multiple of PALLAS_TILE, up to `largest`, that divides `length`."""
+    block = PALLAS_TILE
+    while block * 2 <= largest and length % (block * 2) == 0:
+        block *= 2
+    return block

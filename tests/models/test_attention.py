@@ -97,3 +97,34 @@ def test_auto_on_cpu_is_blocked_only_for_long_sequences(q_len, kv_len, blocked):
     q, k, v = _inputs(q_len, kv_len)
     lowered = jax.jit(lambda *a: attention(*a)).lower(q, k, v).as_text()
     assert ("while" in lowered) == blocked  # the blocked backend's loop over (batch, head) pairs
+
+
+def test_pallas_flash_kernel_matches_torch_in_interpret_mode():
+    """The TPU kernel, run by Pallas' interpreter on CPU: query, key and head sizes that need padding to its
+    128-wide tiles; values and gradients against torch's SDPA."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    q, k, v = _inputs(70, 33, seed=6, batch=1, heads=2)
+    weights = np.random.default_rng(7).standard_normal(q.shape).astype(np.float32)
+    loss = lambda *args: jnp.sum(attention(*args, implementation="pallas") * weights)  # noqa: E731
+    with pltpu.force_tpu_interpret_mode():
+        out = attention(q, k, v, implementation="pallas")
+        grads = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    rel, max_abs = _errors(out, _torch_attention(q, k, v))
+    assert rel < 1e-6 and max_abs < 1e-5, (rel, max_abs)
+    tensors = [torch.from_numpy(x).transpose(1, 2).requires_grad_() for x in (q, k, v)]
+    out = torch.nn.functional.scaled_dot_product_attention(*tensors).transpose(1, 2)
+    (out * torch.from_numpy(weights)).sum().backward()
+    for ours, tensor in zip(grads, tensors):
+        rel, max_abs = _errors(ours, tensor.grad.transpose(1, 2).numpy())
+        assert rel < 1e-5, (rel, max_abs)
+
+
+def test_auto_on_tpu_is_the_pallas_kernel_except_for_masks(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert attention_module.auto_implementation(4096, 77) == "pallas"
+    assert attention_module.auto_implementation(77, 77, masked=True) == "xla"  # the text encoder's causal mask
+    q, k, v = _inputs(12, 12, seed=8)
+    mask = np.tril(np.ones((12, 12), bool))[None, None]
+    out = attention(q, k, v, mask=mask, implementation="pallas")  # masked: the fused XLA path, not the kernel
+    assert _errors(out, _torch_attention(q, k, v, mask))[0] < 1e-6
