@@ -137,6 +137,15 @@ class Pipeline:
             rows.append(ids + [pad] * (limit - len(ids)))
         return jnp.asarray(rows, jnp.int32)
 
+    def text_ids(self, prompts: Sequence[str]) -> jax.Array | dict:
+        """The token ids the text encoder(s) read for `prompts`, as a diffusers-syntax generation gives them: (N, 77)
+        for SD 1.x / 2.x; for SDXL {text encoder name: (N, 77)}, each from its own tokenizer, every encoder reading
+        `prompts` (what training feeds the loss, and "" gives the unconditional ids of a generation with a negative
+        prompt "")."""
+        if self.sdxl_settings is not None:
+            return self._sdxl_ids(prompts, prompts)
+        return self.tokenize(prompts)
+
     def encode_image(self, images, key: jax.Array | None = None) -> jax.Array:
         """Scaled latents (N, h, w, C) of images (see `images.image_batch`: uint8, or float in [-1, 1]): the
         posterior mean, or a sample of the posterior when `key` is given."""

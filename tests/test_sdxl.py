@@ -440,15 +440,22 @@ def test_a_model_index_that_contradicts_the_unet_is_refused(folders, tmp_path):
         sdjax.load_pipeline(target)
 
 
-def test_training_an_sdxl_unet_is_refused_with_what_works_instead(base, folders):
+def test_training_takes_the_sdxl_base_and_refuses_the_refiner_with_what_works_instead(base, refiner, folders):
+    """The base trains at stage unet (tests/train/test_sdxl_training.py); the refiner's aesthetic-score conditioning
+    is refused, naming what works."""
     from sdjax.errors import ConfigError
     from sdjax.train import load_config
-    from sdjax.train.task import build_task
+    from sdjax.train.task import architectures
     from tests.train.conftest import EXPERIMENT
 
-    config = load_config(EXPERIMENT, [f"model.pretrained={folders['base'][0]}"])
-    with pytest.raises(ConfigError, match="is an SDXL model: .*stage=vae"):
-        build_task(config, base[0], jax.random.key(0))
+    settings = ["model.unet_config=", "data.resolution=16"]
+    config = load_config(EXPERIMENT, [f"model.pretrained={folders['base'][0]}", *settings])
+    assert sorted(architectures(config, base[0])) == ["text_encoder", "text_encoder_2", "unet", "vae"]
+    config = load_config(EXPERIMENT, [f"model.pretrained={folders['refiner'][0]}", *settings])
+    with pytest.raises(ConfigError, match="is an SDXL refiner .*SDXL base U-Nets.*stage=vae"):
+        architectures(config, refiner[0])
+    architectures(load_config(EXPERIMENT, [f"model.pretrained={folders['refiner'][0]}", *settings, "stage=vae"]),
+                  refiner[0])
 
 
 def test_prompt_2_matches_diffusers(base):

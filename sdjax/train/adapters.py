@@ -1,5 +1,6 @@
 """LoRA training (TrainConfig.lora): which layers get adapters (the U-Net's, `lora.targets`, and optionally the text
-encoder's, `lora.text_encoder_targets`, as diffusers' --train_text_encoder), their first factors, the loss that adds
+encoder's, `lora.text_encoder_targets`, as diffusers' --train_text_encoder; SDXL's two text encoders both, as
+diffusers' train_text_to_image_lora_sdxl.py adapts them), their first factors, the loss that adds
 them to the frozen base weights through `sdjax.lora.apply` (the path LoRA inference takes, so what is trained is
 what loads), and the LoRA files a run exports, in diffusers/PEFT and kohya format.
 
@@ -28,10 +29,14 @@ from sdjax.train.losses import LossFn
 from sdjax.weights import tensors as tensor_files
 
 # The components LoRA training can adapt, in the order their factors are initialised: the LoRAConfig field naming
-# each one's target layers, how messages call it, and its prefix in kohya's files (SD 1.x / 2.x: one text encoder).
-TARGETS = {"unet": "targets", "text_encoder": "text_encoder_targets"}
-NAMES = {"unet": "U-Net", "text_encoder": "text encoder"}
+# each one's target layers (SDXL's two text encoders share theirs), how messages call it, and its prefix in kohya's
+# files: lora_te_ for SD 1.x / 2.x's one text encoder, lora_te1_ / lora_te2_ for SDXL's two (as sd-scripts writes
+# them and sdjax.lora and diffusers read them). The U-Net's kohya names are its diffusers module names (SD 1.x / 2.x's
+# kohya names; for SDXL diffusers and sdjax read them too, sd-scripts' own SDXL files say input_blocks_* instead).
+TARGETS = {"unet": "targets", "text_encoder": "text_encoder_targets", "text_encoder_2": "text_encoder_targets"}
+NAMES = {"unet": "U-Net", "text_encoder": "text encoder", "text_encoder_2": "second text encoder (text_encoder_2)"}
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+SDXL_KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 FILES = {"peft": lora.DIFFUSERS_FILE, "kohya": "kohya_lora.safetensors"}
 
 
@@ -43,6 +48,7 @@ class LoRASpec:
     alpha: float
     layers: dict[str, dict[str, str]]
     export_formats: tuple[str, ...] = ("peft",)
+    two_text_encoders: bool = False  # SDXL: kohya files name the text encoders lora_te1_ / lora_te2_
 
     @property
     def scaling(self) -> float:
@@ -92,11 +98,12 @@ class LoRASpec:
         return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True)}
 
     def kohya_file(self, trained: dict) -> tuple[dict, dict]:
-        """(tensors, metadata) in kohya sd-scripts' layout: lora_unet_ / lora_te_<module, dots as underscores>
-        .lora_down / .lora_up.weight and an .alpha scalar per layer."""
+        """(tensors, metadata) in kohya sd-scripts' layout: lora_unet_ / lora_te_ (SDXL: lora_te1_ / lora_te2_)
+        <module, dots as underscores>.lora_down / .lora_up.weight and an .alpha scalar per layer."""
         tensors = {}
+        prefixes = SDXL_KOHYA_PREFIXES if self.two_text_encoders else KOHYA_PREFIXES
         for component, module, (down, up) in self._torch_factors(trained):
-            name = KOHYA_PREFIXES[component] + module.replace(".", "_")
+            name = prefixes[component] + module.replace(".", "_")
             tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up,
                             f"{name}.alpha": np.asarray(self.alpha, np.float32)})
         return tensors, {"format": "pt"}
@@ -123,14 +130,16 @@ def by_path(trained: dict) -> dict[str, dict[str, dict]]:
 
 
 def lora_spec(config: LoRAConfig, params) -> LoRASpec:
-    """The adapters `config` asks for on the components whose params are given (by component); ConfigError when a
-    target pattern matches no layer (with a sample of the layers there are)."""
+    """The adapters `config` asks for on the components whose params are given (by component; text_encoder_targets
+    adapt every text encoder there is); ConfigError when a target pattern matches no layer (with a sample of the
+    layers there are)."""
     layers = {}
     for component, field in TARGETS.items():
-        if getattr(config, field):
+        if getattr(config, field) and component in params:
             layers[component] = matched_layers(getattr(config, field), params[component], f"lora.{field}",
                                                NAMES[component])
-    return LoRASpec(config.rank, config.alpha or float(config.rank), layers, config.export_formats)
+    return LoRASpec(config.rank, config.alpha or float(config.rank), layers, config.export_formats,
+                    two_text_encoders="text_encoder_2" in params)
 
 
 def matched_layers(patterns, params, key: str, name: str) -> dict[str, str]:

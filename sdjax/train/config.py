@@ -49,12 +49,12 @@ class ModelConfig:
     unet_config: str = option("", "'' fine-tunes the folder's U-Net; a preset (tiny, sd15, sd21) or a config.json "
                                   "path trains a new U-Net of that architecture from scratch")
     vae_config: str = option("", "as unet_config, for the VAE (presets: tiny, sd)")
-    train_text_encoder: bool = option(False, "also train the text encoder (stage unet)")
+    train_text_encoder: bool = option(False, "also train the text encoder (stage unet; SDXL: both text encoders)")
     compute_dtype: str = option("float32", "float32 or bfloat16 activations; params, gradients and optimizer "
                                            "state stay float32")
     attention: str = option(ATTENTION_DEFAULT, f"attention backend of the models "
-                                               f"({', '.join(ATTENTION_IMPLEMENTATIONS)}; auto: blocked on CPU, xla "
-                                               f"on GPU/TPU)")
+                                               f"({', '.join(ATTENTION_IMPLEMENTATIONS)}; auto: blocked or einsum on "
+                                               f"CPU, pallas on TPU, xla on GPU)")
     remat: bool = option(False, "recompute each U-Net block's activations in the backward pass: less memory, "
                                 "about a third more compute")
 
@@ -106,9 +106,9 @@ class VAELossConfig:
 class OptimizerConfig:
     """AdamW with linear warmup then a constant or cosine learning rate, global-norm clipping, and an EMA."""
     learning_rate: float = option(1e-4, "peak learning rate")
-    text_encoder_learning_rate: float = option(0.0, "peak learning rate of the text encoder when it trains beside "
-                                               "the U-Net, on the same schedule (kohya's text_encoder_lr); 0 uses "
-                                               "learning_rate")
+    text_encoder_learning_rate: float = option(0.0, "peak learning rate of the text encoder(s) when they train "
+                                               "beside the U-Net, on the same schedule (kohya's text_encoder_lr); 0 "
+                                               "uses learning_rate")
     schedule: str = option("constant", "after warmup: constant or cosine (decays over num_steps)")
     warmup_steps: int = option(0, "steps of linear warmup from 0")
     final_learning_rate_fraction: float = option(0.0, "cosine: final learning rate as a fraction of the peak")
@@ -169,13 +169,14 @@ class LoRAConfig:
     # diffusers' --train_text_encoder adapts q_proj, k_proj, v_proj and out_proj.
     text_encoder_targets: tuple[str, ...] = option((), "text encoder layers to adapt as well, matched as "
                                                        "lora.targets (q_proj|k_proj|v_proj|out_proj: the attention "
-                                                       "projections, as diffusers' --train_text_encoder); empty (the "
-                                                       "default): the text encoder is left as it is")
+                                                       "projections, as diffusers' --train_text_encoder; SDXL: in "
+                                                       "both text encoders); empty (the default): the text encoder "
+                                                       "is left as it is")
     export_formats: tuple[str, ...] = option(("peft",), "LoRA files written to <workdir>/export: peft "
                                                          "(pytorch_lora_weights.safetensors, what diffusers' "
                                                          "load_lora_weights(folder) reads) and/or kohya "
-                                                         "(kohya_lora.safetensors: lora_unet_* and lora_te_* keys "
-                                                         "with alphas)")
+                                                         "(kohya_lora.safetensors: lora_unet_* and lora_te_* keys, "
+                                                         "SDXL lora_te1_* / lora_te2_*, with alphas)")
 
     def __post_init__(self):
         _check_positive("lora.rank", self.rank, allow_zero=True)

@@ -17,7 +17,8 @@ def trained_pipeline(base: Pipeline, task: Task, params: dict[str, Any]) -> Pipe
     """The base pipeline with the trained components (architectures and weights) and the training schedule.
     A component trained in part (the VAE's decoder) keeps its other params from the start of the run."""
     start = Pipeline(task.configs, task.initial_params, base.tokenizer, task.scheduler_config, dtype=base.dtype,
-                     raw_configs=task.raw_configs)
+                     raw_configs=task.raw_configs, tokenizer_2=base.tokenizers.get("text_encoder_2"),
+                     sdxl_settings=base.sdxl_settings)
     return swap_weights(start, task, params)
 
 

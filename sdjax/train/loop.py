@@ -52,7 +52,7 @@ from sdjax.train.state import (
     with_checkpointed,
 )
 from sdjax.train.step import make_train_step
-from sdjax.train.task import Task, architectures, build_task, fingerprint, trained_components
+from sdjax.train.task import Task, architectures, build_task, fingerprint
 
 log = logging.getLogger("sdjax.train")
 
@@ -288,7 +288,7 @@ def train(config: TrainConfig, workdir: str | Path, *,
         step = start
         if step < config.num_steps:  # the first step compiles: minutes for a large model
             log.info("compiling the train step (%s trained) and starting at step %d",
-                     ", ".join(trained_components(config)), step)
+                     ", ".join(task.fingerprint["trained"]), step)
         try:
             while step < config.num_steps and not stop.requested:
                 batch = task.prepare_batch(next(run.batches))

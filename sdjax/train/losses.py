@@ -6,11 +6,17 @@ choice is made when a loss is built: the returned functions hold no branches on 
 of the chosen variant.
 
 A loss function has the signature `loss_fn(params, frozen, batch, key) -> (loss, metrics)`: `params` are the
-trained components ({"unet": ...} and maybe "text_encoder"), `frozen` the others it needs.
+trained components ({"unet": ...} and maybe the text encoders), `frozen` the others it needs.
+
+The diffusion loss reads the model's text conditioning through `encode(weights, ids) -> the U-Net's keyword
+arguments`, so SD 1.x / 2.x (one text encoder: encoder_hidden_states) and SDXL (two text encoders, the pooled
+embedding and the time ids: sdjax.train.task.text_conditioning) share every line of it; token ids are an array or
+{text encoder name: array}.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,9 +38,13 @@ def sample_noise(key, shape, offset_noise: float):
 
 
 def drop_captions(key, input_ids, empty_ids, probability: float):
-    """Replace each row of token ids by the empty prompt's with `probability` (classifier-free guidance)."""
-    drop = jax.random.bernoulli(key, probability, (input_ids.shape[0], 1))
-    return jnp.where(drop, empty_ids[None, :], input_ids)
+    """Replace each row of token ids by the empty prompt's with `probability` (classifier-free guidance).
+    `input_ids` (B, L) or {text encoder name: (B, L)} with `empty_ids` (L,) of the same structure: a dropped
+    caption is dropped for every text encoder (SDXL: the empty prompt for both, as diffusers'
+    train_text_to_image_sdxl.py --proportion_empty_prompts)."""
+    rows = jax.tree.leaves(input_ids)[0].shape[0]
+    drop = jax.random.bernoulli(key, probability, (rows, 1))
+    return jax.tree.map(lambda ids, empty: jnp.where(drop, empty[None, :], ids), input_ids, empty_ids)
 
 
 def weighted_mse(prediction, target, weight, pixel_weight=None, *, normalize_pixel_weight: bool = False):
@@ -57,34 +67,64 @@ def pool_mask(mask, size: tuple[int, int]):
     return blocks.mean(axis=(2, 4))
 
 
-def make_diffusion_loss(unet, text_encoder, *, alphas_cumprod, prediction_type: str, config: DiffusionConfig,
-                        vae_config: VAEConfig, empty_ids) -> LossFn:
-    """The latent diffusion loss on batches {"moments": (B, h, w, 2C), "input_ids": (B, L)} and optionally
-    "loss_mask": (B, H, W) pixel weights (`data.loss_mask`).
+TextConditioning = Callable[[dict, Any], dict]
+"""`encode(weights, ids) -> {"encoder_hidden_states": (B, L, D), ...}`: the U-Net's text keyword arguments from
+every component's weights and the token ids (SDXL adds text_embeds and time_ids)."""
 
-    Draws latents from the VAE posterior, timesteps uniformly from the training schedule, and noise; predicts
-    with the U-Net conditioned on the text encoder's embeddings; MSE to the configured target with optional
-    Min-SNR weighting. `alphas_cumprod` (num_train_timesteps,) already includes any zero-terminal-SNR rescale.
-    """
+
+def text_encoder_conditioning(text_encoder) -> TextConditioning:
+    """SD 1.x / 2.x: the last hidden state of the one text encoder."""
+    def encode(weights, ids):
+        return {"encoder_hidden_states": text_encoder.apply({"params": weights["text_encoder"]}, ids).prompt_embeds}
+    return encode
+
+
+def make_denoising_loss(unet, encode: TextConditioning, *, alphas_cumprod, prediction_type: str,
+                        config: DiffusionConfig):
+    """`denoising_loss(weights, x0, t, noise, ids, loss_mask=None) -> loss`: the diffusion loss at given scaled
+    latents x0 (B, h, w, C), timesteps t (B,), noise and token ids (captions already dropped), with no randomness
+    of its own: what `make_diffusion_loss` computes after its draws. `weights`: every component's params by name."""
     alpha_bars = jnp.asarray(alphas_cumprod, jnp.float32)
     model = parameterization(prediction_type)
-    empty_ids = jnp.asarray(empty_ids, jnp.int32)
+
+    def denoising_loss(weights, x0, t, noise, ids, loss_mask=None):
+        alpha_bar = alpha_bars[t]
+        conditioning = dict(encode(weights, ids))
+        context = conditioning.pop("encoder_hidden_states")
+        prediction = unet.apply({"params": weights["unet"]}, add_noise(x0, noise, alpha_bar), t, context,
+                                **conditioning)
+        pixel_weight = None if loss_mask is None else pool_mask(loss_mask, x0.shape[1:3])
+        return weighted_mse(prediction, model.target(x0, noise, alpha_bar),
+                            model.loss_weight(alpha_bar, config.min_snr_gamma), pixel_weight,
+                            normalize_pixel_weight=config.normalize_loss_mask)
+
+    return denoising_loss
+
+
+def make_diffusion_loss(unet, encode: TextConditioning, *, alphas_cumprod, prediction_type: str,
+                        config: DiffusionConfig, vae_config: VAEConfig, empty_ids) -> LossFn:
+    """The latent diffusion loss on batches {"moments": (B, h, w, 2C), "input_ids": (B, L) or {text encoder name:
+    (B, L)}} and optionally "loss_mask": (B, H, W) pixel weights (`data.loss_mask`).
+
+    Draws latents from the VAE posterior, timesteps uniformly from the training schedule, noise, and which
+    captions drop to the empty prompt's ids `empty_ids` (the structure of one row of input_ids); then
+    `make_denoising_loss`: predicts with the U-Net conditioned by `encode`, MSE to the configured target with
+    optional Min-SNR weighting. `alphas_cumprod` (num_train_timesteps,) already includes any zero-terminal-SNR
+    rescale.
+    """
+    denoising_loss = make_denoising_loss(unet, encode, alphas_cumprod=alphas_cumprod,
+                                         prediction_type=prediction_type, config=config)
+    timesteps = len(alphas_cumprod)
+    empty_ids = jax.tree.map(lambda ids: jnp.asarray(ids, jnp.int32), empty_ids)
 
     def loss_fn(params, frozen, batch, key):
-        weights = {**frozen, **params}
         latent_key, time_key, noise_key, caption_key = jax.random.split(key, 4)
         posterior = DiagonalGaussian.from_moments(batch["moments"])
         x0 = scale_latents(posterior.sample(latent_key), vae_config)
-        t = jax.random.randint(time_key, (x0.shape[0],), 0, alpha_bars.shape[0])
+        t = jax.random.randint(time_key, (x0.shape[0],), 0, timesteps)
         noise = sample_noise(noise_key, x0.shape, config.offset_noise)
-        alpha_bar = alpha_bars[t]
         ids = drop_captions(caption_key, batch["input_ids"], empty_ids, config.caption_dropout)
-        context = text_encoder.apply({"params": weights["text_encoder"]}, ids).prompt_embeds
-        prediction = unet.apply({"params": weights["unet"]}, add_noise(x0, noise, alpha_bar), t, context)
-        pixel_weight = pool_mask(batch["loss_mask"], x0.shape[1:3]) if "loss_mask" in batch else None
-        loss = weighted_mse(prediction, model.target(x0, noise, alpha_bar),
-                            model.loss_weight(alpha_bar, config.min_snr_gamma), pixel_weight,
-                            normalize_pixel_weight=config.normalize_loss_mask)
+        loss = denoising_loss({**frozen, **params}, x0, t, noise, ids, batch.get("loss_mask"))
         return loss, {"loss": loss}
 
     return loss_fn

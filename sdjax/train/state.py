@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sdjax.models.components import TEXT_ENCODERS
 from sdjax.train.config import OptimizerConfig
 
 
@@ -37,14 +38,15 @@ def learning_rate_schedule(config: OptimizerConfig, num_steps: int, peak: float 
 
 def make_optimizer(config: OptimizerConfig, num_steps: int) -> optax.GradientTransformation:
     """Global-norm clipping (when max_grad_norm > 0), then AdamW on the scheduled learning rate; the text
-    encoder's params on their own peak when text_encoder_learning_rate is set (clipping stays global)."""
+    encoders' params (SDXL: both) on their own peak when text_encoder_learning_rate is set (clipping stays
+    global)."""
     def adamw(peak):
         return optax.adamw(learning_rate_schedule(config, num_steps, peak), b1=config.b1, b2=config.b2,
                            eps=config.eps, weight_decay=config.weight_decay)
 
     update = adamw(config.learning_rate)
     if config.text_encoder_learning_rate and config.text_encoder_learning_rate != config.learning_rate:
-        labels = lambda params: {name: jax.tree.map(lambda _: name == "text_encoder", tree)
+        labels = lambda params: {name: jax.tree.map(lambda _: name in TEXT_ENCODERS, tree)
                                  for name, tree in params.items()}
         update = optax.multi_transform({False: update, True: adamw(config.text_encoder_learning_rate)}, labels)
     if config.max_grad_norm > 0:

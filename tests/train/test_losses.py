@@ -45,7 +45,7 @@ class Stub:
 def stub_diffusion_loss(alphas_cumprod, prediction_type="epsilon", **config):
     text = Stub(lambda p, ids: type("Out", (), {"prompt_embeds": jnp.zeros((ids.shape[0], 1, 1))}))
     unet = Stub(lambda p, x, t, context: p["scale"] * x)
-    return losses.make_diffusion_loss(unet, text, alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
+    return losses.make_diffusion_loss(unet, losses.text_encoder_conditioning(text), alphas_cumprod=alphas_cumprod, prediction_type=prediction_type,
                                       config=DiffusionConfig(**config), vae_config=VAEConfig(scaling_factor=1.0),
                                       empty_ids=jnp.zeros((4,), jnp.int32))
 
@@ -106,9 +106,9 @@ def test_text_encoder_learning_rate_sets_its_own_step_size():
     # Adam's first update is lr * sign(gradient) (up to eps): each component moves by its own peak.
     config = OptimizerConfig(learning_rate=0.1, text_encoder_learning_rate=0.01, weight_decay=0.0, max_grad_norm=0.0)
     optimizer = make_optimizer(config, 10)
-    params = {"unet": {"w": jnp.ones(3)}, "text_encoder": {"w": jnp.ones(3)}}
-    gradients = {"unet": {"w": jnp.array([1.0, -2.0, 3.0])}, "text_encoder": {"w": jnp.array([-1.0, 2.0, 0.5])}}
+    params = {name: {"w": jnp.ones(3)} for name in ("unet", "text_encoder", "text_encoder_2")}  # SDXL has two
+    gradients = {"unet": {"w": jnp.array([1.0, -2.0, 3.0])}, "text_encoder": {"w": jnp.array([-1.0, 2.0, 0.5])},
+                 "text_encoder_2": {"w": jnp.array([3.0, 1.0, -1.0])}}
     updates, _ = optimizer.update(gradients, optimizer.init(params), params)
-    np.testing.assert_allclose(updates["unet"]["w"], -0.1 * np.sign(gradients["unet"]["w"]), rtol=1e-5)
-    np.testing.assert_allclose(updates["text_encoder"]["w"], -0.01 * np.sign(gradients["text_encoder"]["w"]),
-                               rtol=1e-5)
+    for name, peak in (("unet", 0.1), ("text_encoder", 0.01), ("text_encoder_2", 0.01)):
+        np.testing.assert_allclose(updates[name]["w"], -peak * np.sign(gradients[name]["w"]), rtol=1e-5)
