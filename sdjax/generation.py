@@ -7,8 +7,10 @@ the batch it is part of; the batch stays the leading axis of every input, ready 
 
 The program holds no sharding: on a device mesh (`sdjax.parallel`) the Pipeline jits it with the batch split
 over every device and the params placed by the sharding rules (replicated, or split over `fsdp`), and the
-compiler (GSPMD) partitions it, inserting the gathers of FSDP-split params. One program thus serves one device,
-data parallelism and FSDP, and is the pure function users wrap in their own `jax.jit` or `jax.pmap`.
+compiler (GSPMD) partitions it. Traced on a mesh whose fsdp axis splits params (`jax.set_mesh`, as the Pipeline
+compiles), every layer gathers its params where it is used (`parallel.per_layer`), so a device never holds the
+whole model; elsewhere that is a no-op and the program is what it always was. One program thus serves one device, data
+parallelism and FSDP, and is the pure function users wrap in their own `jax.jit` or `jax.pmap`.
 
 Sampling runs in variance-exploding scaling (x = x0 + sigma eps). Diffusers' latents are variance-preserving;
 `x_vp = x / sqrt(1 + sigma^2)`, which is the identity at the usual final sigma of 0.
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from sdjax import control, denoisers, lora
 from sdjax.parameterization import to_vp
 from sdjax.errors import InvalidArgumentError
+from sdjax.parallel import per_layer
 from sdjax.prompt_syntax import emphasize
 from sdjax.models.controlnet import sum_residuals
 from sdjax.samplers import get_sampler, stepping
@@ -92,6 +95,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
     sigmas = inputs["sigmas"]
     sampler = get_sampler(spec.sampler)
 
+    @per_layer  # each layer's FSDP-split params gathered at its use, inside the sampler loop
     def unet_fn(x_vp, t, encoder_hidden_states, mask=None, masked_image_latents=None, control_images=(),
                 control_scales=None, **added):
         down, mid = (control_residuals(spec, params["controlnets"], x_vp, t, encoder_hidden_states, control_images,
@@ -109,7 +113,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         noise_key, sampler_key = jax.random.split(jax.random.key(per_image["seeds"]))
         noise = image["noise"] if "noise" in image else jax.random.normal(noise_key, (1, *spec.latent_shape))
         def text(side):  # "cond" or "uncond": the U-Net's text keywords for that half of guidance
-            conditioning = dict(models.encode_text(params, image[f"{side}_ids"], spec.clip_skip))
+            conditioning = dict(per_layer(models.encode_text)(params, image[f"{side}_ids"], spec.clip_skip))
             weights = image.get(f"{side}_weights")
             if weights is not None:  # the a1111 syntax's emphasis
                 conditioning["encoder_hidden_states"] = emphasize(conditioning["encoder_hidden_states"], weights)
@@ -162,7 +166,7 @@ def generate_program(models: Models, spec: ProgramSpec, alphas_cumprod, params: 
         return latents[0], window.final_carry
 
     def decode(latents):  # one image's (h, w, c) latents -> its uint8 pixels and whether all were numbers
-        pixels = models.decode(params["vae"], latents[None])
+        pixels = per_layer(models.decode)(params["vae"], latents[None])
         return to_uint8(pixels)[0], jnp.all(jnp.isfinite(pixels))
 
     def each_image(fn, batch, together: bool):

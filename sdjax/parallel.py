@@ -2,15 +2,19 @@
 
 A batch splits over both axes (every device holds different images or examples). Params are replicated, or,
 with fsdp > 1, each large array is split along its largest axis that the fsdp size divides (ZeRO-3 / FSDP:
-every device holds 1/fsdp of it; the compiler gathers it where it is used), following name rules in the style of
-big_vision's: the first rule whose regex matches a param's path decides.
+every device holds 1/fsdp of it), following name rules in the style of big_vision's: the first rule whose regex
+matches a param's path decides. Generation gathers each layer's split params where that layer runs (`per_layer`).
 """
 from __future__ import annotations
 
+import contextvars
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Callable
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -107,3 +111,90 @@ def bytes_per_device(params, shardings) -> int:
     sizes = jax.tree.map(lambda leaf, s: int(np.prod(s.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize,
                          params, shardings)
     return sum(jax.tree.leaves(sizes))
+
+
+# ------------------------------------------------------------------- FSDP: each layer gathers its params where it runs
+
+def per_use(params, x):
+    """`params` for a use on `x`, on an FSDP mesh (`fsdp_mesh`) each param split over fsdp gathered whole there.
+
+    Each split param first has a zero computed from x subtracted on its own slice (p - (+0.0) is p bit for bit, signed
+    zeros and NaN included), so it depends on x: the compiler can neither hoist its gather out of a loop nor issue it
+    before x exists. It is then constrained to be replicated: the kernel is gathered and every device computes its own
+    images with it, as under data parallelism (not a slice of the channels of every device's images). Params that
+    this module leaves whole (small ones), and every param off an FSDP mesh, are returned unchanged."""
+    if not fsdp_mesh():
+        return params
+    fsdp = dict(jax.sharding.get_abstract_mesh().shape)["fsdp"]
+    split = lambda p: fsdp_spec(p.shape, fsdp) != jax.sharding.PartitionSpec()  # noqa: E731
+    if not any(split(p) for p in jax.tree.leaves(params)):
+        return params  # nothing to gather (small params stay whole on every device)
+    zero = _zero_after(x)
+
+    def gathered(p):  # subtracted on each device's slice (as `fsdp_spec` splits it), then gathered
+        if not split(p):
+            return p
+        p = jax.lax.with_sharding_constraint(p - zero.astype(p.dtype), fsdp_spec(p.shape, fsdp))
+        return jax.lax.with_sharding_constraint(p, jax.sharding.PartitionSpec())
+    return jax.tree.map(gathered, params)
+
+
+@jax.custom_batching.custom_vmap
+def _zero_after(x):
+    """+0.0 (whatever x holds, NaN included), computed from x's first element, so only once x exists; unbatched
+    under vmap (from the first image), so the params it is subtracted from stay one copy for all the images. The
+    barrier keeps the compiler from folding it to a constant (which would cut the dependency)."""
+    return jax.lax.optimization_barrier((jnp.ravel(x)[0] > 0).astype(jnp.float32)) * 0
+
+
+@_zero_after.def_vmap
+def _zero_after_vmap(axis_size, in_batched, x):
+    return _zero_after(x), False
+
+
+def fsdp_mesh() -> bool:
+    """Whether the program is being traced on a mesh (`jax.set_mesh`; `Pipeline` sets its own when it compiles)
+    whose fsdp axis splits params, outside shard_map."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and not mesh.manual_axes and dict(mesh.shape).get("fsdp", 1) > 1
+
+
+_in_layer: contextvars.ContextVar[bool] = contextvars.ContextVar("sdjax_per_layer", default=False)
+
+
+def _layer_per_use(next_fun, args, kwargs, context):
+    """A Flax method interceptor: a layer that holds params of its own and no sub-layers (a Conv, Dense, norm) is
+    called with its params passed through `per_use` together with its input."""
+    module = context.module
+    if context.method_name != "__call__" or _in_layer.get() or not args or module.scope is None:
+        return next_fun(*args, **kwargs)
+    variables = module.variables
+    own = variables.get("params", {})
+    if set(variables) != {"params"} or not own or any(isinstance(v, Mapping) for v in own.values()):
+        return next_fun(*args, **kwargs)
+    token = _in_layer.set(True)
+    try:
+        return module.clone(parent=None).apply({"params": per_use(own, args[0])}, *args, **kwargs)
+    finally:
+        _in_layer.reset(token)
+
+
+def per_layer(fn: Callable) -> Callable:
+    """fn (a Flax model's apply) with every layer's FSDP-split params gathered where that layer runs (`per_use` on
+    the layer's own params and its input); fn unchanged unless traced on an FSDP mesh (`fsdp_mesh`).
+
+    Left to itself the compiler (GSPMD) decides where the gathers go, and decided badly for a model too big for one
+    device (experiments/scaling/generation_memory.py, SD 1.5 on fsdp=8): it hoisted the U-Net's gathers out of the
+    sampler loop as loop-invariant code (the whole gathered U-Net live on every device for the whole call), issued
+    those it kept in the loop all at the start of a step, and in the VAE decoder gathered every device's
+    activations instead of the kernels (2 GiB per device). Tied to its layer's input, a param is gathered only once
+    that input exists, inside whatever loop the layer runs in, and is dead after the layer: a device holds its 1/N
+    of the params, its own images' activations and the kernels of the layers in flight. (A layer whose input does
+    not change over the steps, the cross-attention keys and values of the prompt, is computed once before the loop,
+    its gather with it.) The cost: each such layer also waits for one scalar reduction over the devices."""
+    def wrapped(*args, **kwargs):
+        if not fsdp_mesh():
+            return fn(*args, **kwargs)
+        with nn.intercept_methods(_layer_per_use):
+            return fn(*args, **kwargs)
+    return wrapped

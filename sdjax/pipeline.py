@@ -3,6 +3,7 @@ contract methods, each jit-compiled once per input shape. `load_pipeline` builds
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -660,9 +661,15 @@ class Pipeline:
             return self._executables[key], 0.0
         log.info("compiling the %s program for %d image(s)", spec.sampler, len(inputs["seeds"]))
         started = time.perf_counter()
-        executable = self._program.lower(params, inputs, spec=spec).compile()
+        executable = self._lower(params, inputs, spec).compile()
         self._executables[key] = executable
         return executable, time.perf_counter() - started
+
+    def _lower(self, params: dict, inputs: dict, spec):
+        """The generation program traced for these inputs, on the pipeline's mesh (`jax.set_mesh`), where
+        `parallel.per_layer` has each FSDP-split param gathered where its layer runs, inside the loops."""
+        with contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh):
+            return self._program.lower(params, inputs, spec=spec)
 
     @staticmethod
     def _program_key(params: dict, inputs: dict, spec) -> tuple:
@@ -778,7 +785,8 @@ class Generation:
         per-image inputs (everything else bound), for your own `jax.jit` shardings or `jax.pmap` over a leading
         device axis. images: uint8 (N, H, W, 3); finite (N,): whether an image decoded to numbers (NaN and inf
         become black at the uint8 conversion: check it). The function holds no sharding: a pipeline on a mesh jits the
-        same program with its own shardings."""
+        same program with its own shardings (jit it under `jax.set_mesh(mesh)`, with axes (data, fsdp), for its
+        FSDP-split params to be gathered layer by layer: `parallel.per_layer`)."""
         pipeline, spec = self.pipeline, dataclasses.replace(self.spec, batch_shards=1)
         shared = {k: v for k, v in self.inputs.items() if k in generation.SHARED_INPUTS}
 
@@ -864,8 +872,8 @@ def load_pipeline(path_or_hub_id: str | os.PathLike | None = None, *, dtype=jnp.
     mesh: "data=N,fsdp=M" over `devices` (default: every device of every process; N * M = their count), or a
     `jax.sharding.Mesh` with axes (data, fsdp) (`sdjax.parallel.make_mesh`): the batch is split over all the
     devices, and with fsdp > 1 each large param is stored split over fsdp devices, placed slice by slice from the
-    host (never whole on one device). The compiler gathers them for the computation, per use inside the sampler
-    loop or hoisted out of it as it judges, so a call's peak memory per device depends on the model
+    host (never whole on one device); generation gathers each layer's params where the layer runs, inside the
+    sampler loop (`parallel.per_layer`), so a call's peak memory per device falls with fsdp
     (experiments/scaling/generation_memory.py measures it). The same images as on one device.
     check_finite: refuse weights that hold NaN or inf, naming the file and tensors (a pass over every weight; the
     CLI does it). Without it, a damaged weight shows as NonFiniteOutputError when it spoils an image.

@@ -41,6 +41,18 @@ def test_a_mesh_generates_the_images_of_one_device(mesh, one_device, sd1_folder)
     assert six.shape[0] == 6 and np.abs(six.astype(int) - one_device[:6]).max() <= tolerance
 
 
+def test_fsdp_gathers_each_layer_where_it_is_used(sd1_folder):
+    """fsdp=8 holds 1/8 of the params per device and gathers each layer's kernel at its use, inside the sampler and
+    decode loops (`parallel.per_layer`): the compiled program's peak per device is well below data=8's, and its
+    temporaries (activations, kernels in flight) stay near data=8's. Left to XLA, the gathers were hoisted out of
+    the sampler loop and the VAE decoder gathered every device's activations: fsdp=8 peaked at 1.22x data=8's,
+    temporaries 3.8x (experiments/scaling/generation_memory.py)."""
+    from experiments.scaling.generation_memory import measure
+    data, fsdp = (measure(str(sd1_folder[0]), mesh, images=8, steps=2) for mesh in ("data=8", "fsdp=8"))
+    assert fsdp["params"] + fsdp["temp"] < 0.75 * (data["params"] + data["temp"]), (fsdp, data)
+    assert fsdp["temp"] < 1.5 * data["temp"], (fsdp, data)
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--coordinator", "localhost:12355", "--num-processes", "2", "--process-id", "2"],
      r"process_id=2 must be in \[0, 2\) for 2 processes"),
