@@ -6,6 +6,7 @@ a second with a clear message and leaves no file behind.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import glob
 import logging
@@ -74,8 +75,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-run the settings an A1111-style PNG carries (prompt, negative prompt, seed, steps, "
                              "sampler, schedule, guidance, size, strength); model, output and the like still come "
                              "from this command line")
-    parser.add_argument("--negative-prompt", "--negative", dest="negative_prompt", default="",
-                        help="what to avoid")
+    parser.add_argument("--negative-prompt", "--negative", dest="negative_prompt",
+                        help="what to avoid (none by default: an SDXL model whose config says "
+                             "force_zeros_for_empty_prompt then guides from zeros, as diffusers does)")
     parser.add_argument("--model", help="diffusers-layout folder, hub id, or single-file checkpoint (.safetensors, "
                                         ".ckpt; default: the small shapes model that ships inside sdjax)")
     _single_file_arguments(parser)
@@ -164,7 +166,24 @@ GENERATE_EXAMPLES = """examples:
   sdjax generate "a red circle on a blue background" --out circle.png
   sdjax generate "a cat" --model path/to/stable-diffusion-v1-5 --sampler dpmpp_2m --schedule karras --steps 20
   sdjax generate "a small green square at the top" --seed 1-4 --out shapes/ --grid
+  sdjax generate "a lion at dawn" --model stabilityai/stable-diffusion-xl-base-1.0 \\
+      --refiner stabilityai/stable-diffusion-xl-refiner-1.0 --high-noise-fraction 0.8 --steps 40
 """
+
+DEFAULT_HIGH_NOISE_FRACTION = 0.8  # diffusers' SDXL docs (the ensemble of expert denoisers)
+
+
+def _refiner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--refiner", metavar="FOLDER_OR_HUB_ID",
+                        help="an SDXL refiner (or base) that finishes --model's images, as diffusers' ensemble of "
+                             "expert denoisers: --model (an SDXL base) runs the high-noise part of the schedule "
+                             "(denoising_end), the refiner the rest from its latents (denoising_start), with the "
+                             "same prompts, seeds, steps and guidance; the PNGs are the refined images. Each model "
+                             "samples with its own scheduler config (no --sampler / --schedule)")
+    parser.add_argument("--high-noise-fraction", type=float, metavar="FRACTION",
+                        help=f"with --refiner: the share of the schedule, from pure noise, that --model runs before "
+                             f"the refiner takes over, strictly between 0 and 1 (default "
+                             f"{DEFAULT_HIGH_NOISE_FRACTION}, as in diffusers' docs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     command = functools.partial(commands.add_parser, formatter_class=_HelpFormatter)
     generate = command("generate", help="text to image", epilog=GENERATE_EXAMPLES)
     _sampling_arguments(generate)
+    _refiner_arguments(generate)
     generate.set_defaults(func=run_sampling_command, inputs=text_inputs)
     img2img = command("img2img", help="image to image")
     _sampling_arguments(img2img)
@@ -265,7 +285,7 @@ def apply_png_settings(args) -> None:
         raise SdjaxError(f"--from-png {path}: the PNG carries no generation parameters")
     prompt, negative, settings = a1111.parse_parameters(text)
     found = a1111.generation_settings(settings)
-    args.prompt, args.negative_prompt, args.seed = prompt, negative, [found["seed"]]
+    args.prompt, args.negative_prompt, args.seed = prompt, negative or None, [found["seed"]]
     args.steps, args.sampler, args.schedule = found["steps"], found.get("sampler"), found.get("schedule")
     args.guidance_scale = found.get("guidance_scale", args.guidance_scale)
     args.guidance_rescale = found.get("guidance_rescale", 0.0)
@@ -275,6 +295,16 @@ def apply_png_settings(args) -> None:
         args.size = (found["width"], found["height"])
     if hasattr(args, "strength") and "strength" in found:
         args.strength = found["strength"]
+    if "Refiner switch at" in settings and hasattr(args, "refiner"):  # generate: --refiner comes from the command
+        if args.refiner is None:
+            warnings.warn(f"--from-png {path}: the image was finished by a refiner ({settings.get('Refiner', '?')}, "
+                          f"switch at {settings['Refiner switch at']}); give --refiner to do the same")
+        elif args.high_noise_fraction is None:
+            try:
+                args.high_noise_fraction = float(settings["Refiner switch at"])
+            except ValueError:
+                raise SdjaxError(f"--from-png {path}: 'Refiner switch at' should be a number, got "
+                                 f"{settings['Refiner switch at']!r}") from None
 
 
 def check_sampling_names(args) -> None:
@@ -292,6 +322,123 @@ def check_sampling_names(args) -> None:
     if args.num_images not in (None, 1) and len(args.seed) > 1 and args.num_images != len(args.seed):
         raise SdjaxError(f"--seed gives {len(args.seed)} seeds but -n/--num-images asks for {args.num_images} "
                          f"images; give one of them")
+
+
+def check_refiner_flags(args) -> None:
+    """--refiner and --high-noise-fraction on their own (no folder read): the fraction's range, and no sampler or
+    schedule name, since the hand-over cuts each folder's own scheduler config. Sets the default fraction."""
+    refiner, fraction = getattr(args, "refiner", None), getattr(args, "high_noise_fraction", None)
+    if refiner is None:
+        if fraction is not None:
+            raise SdjaxError("--high-noise-fraction is the share of the schedule --model runs before --refiner "
+                             "takes over; give --refiner too (an SDXL refiner folder or hub id), or drop it")
+        return
+    if fraction is None:
+        args.high_noise_fraction = fraction = DEFAULT_HIGH_NOISE_FRACTION
+    if not 0.0 < fraction < 1.0:
+        raise SdjaxError(f"--high-noise-fraction must be strictly between 0 and 1 (the share of the schedule "
+                         f"--model runs before --refiner takes over), got {fraction:g}")
+    given = [flag for flag, value in (("--sampler", args.sampler), ("--schedule", args.schedule)) if value is not None]
+    if given:
+        origin = f" (here from --from-png {args.from_png})" if args.from_png else ""
+        raise SdjaxError(f"{' and '.join(given)}{origin} cannot be used with --refiner: the base hands its latents "
+                         f"to the refiner at diffusers' timesteps, which sdjax reproduces for each folder's own "
+                         f"scheduler config only; leave {'them' if len(given) > 1 else 'it'} unset")
+
+
+@dataclasses.dataclass(frozen=True)
+class HandoffModel:
+    """What the base -> refiner hand-over needs to know of one model, read from its folder before it loads (or
+    from the loaded pipeline, for a single file)."""
+    flag: str             # --model or --refiner
+    name: str
+    kind: str             # "sd", "base" or "refiner"
+    latent_channels: int
+    factor: int           # the VAE's downscale factor
+    scheduler_config: dict
+
+    @classmethod
+    def from_folder(cls, flag: str, name: str, folder: Path) -> "HandoffModel":
+        from sdjax.weights import diffusers_folder
+
+        try:
+            index = diffusers_folder.read_model_index(folder)
+            family = diffusers_folder.model_family(index)
+            vae = diffusers_folder.read_config(folder / "vae", "vae")[0]
+            scheduler = diffusers_folder.read_json(folder / "scheduler" / "scheduler_config.json")
+        except SdjaxError as err:
+            raise SdjaxError(f"{flag} {name}: {err}") from None
+        return cls(flag, name, cls._kind(family), vae.latent_channels, vae.downscale_factor, scheduler)
+
+    @classmethod
+    def from_pipeline(cls, flag: str, name: str, pipeline) -> "HandoffModel":
+        vae = pipeline.configs["vae"]
+        return cls(flag, name, cls._kind(tuple(pipeline.configs)), vae.latent_channels, vae.downscale_factor,
+                   pipeline.scheduler_config)
+
+    @staticmethod
+    def _kind(components) -> str:
+        if "text_encoder_2" not in components:
+            return "sd"
+        return "base" if "text_encoder" in components else "refiner"
+
+    def plan(self, steps: int, start, end):
+        """The sampling plan of this model's part of the hand-over; SdjaxError naming the model if it has none."""
+        from sdjax import schedules
+        from sdjax.scheduler_config import CLASS_DEFAULTS, HANDOFF_CLASSES, plan_from_scheduler_config, resolve_config
+
+        config, role = self.scheduler_config, "denoising_end" if end is not None else "denoising_start"
+        try:
+            alphas = schedules.alphas_cumprod_from_config(
+                resolve_config(config) if config.get("_class_name") in CLASS_DEFAULTS else config)
+            plan = plan_from_scheduler_config(config, steps, alphas)
+        except SdjaxError as err:
+            raise SdjaxError(f"{self.flag} {self.name}: {err}") from None
+        if plan.timesteps is None:
+            raise SdjaxError(f"{self.flag} {self.name}: scheduler/scheduler_config.json is of class "
+                             f"{config.get('_class_name')!r}, but the hand-over cuts the schedule at diffusers' "
+                             f"timesteps, which sdjax reproduces for {', '.join(HANDOFF_CLASSES)}; use a copy of the "
+                             f"folder whose scheduler config has one of those classes")
+        try:
+            return plan.for_denoising(start, end, len(alphas))
+        except SdjaxError as err:
+            fraction = start if end is None else end
+            raise SdjaxError(f"{self.flag} {self.name} (--high-noise-fraction {fraction:g} is its {role}): "
+                             f"{err}") from None
+
+
+def check_handoff(args, base: HandoffModel | None, refiner: HandoffModel | None) -> None:
+    """The base -> refiner hand-over of `sdjax generate --refiner`, checked for the models known so far (both are
+    read from their folders before anything loads; a single file is known once loaded)."""
+    fraction = args.high_noise_fraction
+    if base is not None:
+        if base.kind != "base":
+            what = ("an SDXL refiner (text_encoder_2 only); the base starts the image: give the SDXL base as "
+                    "--model and this model as --refiner" if base.kind == "refiner" else
+                    "a Stable Diffusion 1.x / 2.x model, not SDXL; --refiner continues an SDXL base's latents: give "
+                    "an SDXL base as --model (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
+            raise SdjaxError(f"--model {base.name} is {what}")
+        base_plan = base.plan(args.steps, None, fraction)
+    if refiner is not None:
+        if refiner.kind == "sd":
+            raise SdjaxError(f"--refiner {refiner.name} is a Stable Diffusion 1.x / 2.x model, not SDXL (no "
+                             f"text_encoder_2); give an SDXL refiner (e.g. stabilityai/stable-diffusion-xl-refiner-1.0) "
+                             f"or base")
+        refiner_plan = refiner.plan(args.steps, fraction, None)
+    if base is None or refiner is None:
+        return
+    if (base.latent_channels, base.factor) != (refiner.latent_channels, refiner.factor):
+        raise SdjaxError(f"--refiner {refiner.name} has latents of {refiner.latent_channels} channels at 1/"
+                         f"{refiner.factor} of the image size, --model {base.name} {base.latent_channels} at 1/"
+                         f"{base.factor}: the refiner continues the base's latents, so the two need the same VAE "
+                         f"(SDXL's base and refiner share one)")
+    if base_plan.ve_handoff != refiner_plan.ve_handoff:
+        scaling = lambda model, plan: (f"{model.scheduler_config.get('_class_name')}: "
+                                       f"{'x0 + sigma * noise' if plan.ve_handoff else 'the noise schedule'}")
+        warnings.warn(f"--model hands over its latents scaled as its scheduler config keeps them "
+                      f"({scaling(base, base_plan)}), and --refiner reads them in another scaling "
+                      f"({scaling(refiner, refiner_plan)}); diffusers does the same, and the refined images may "
+                      f"come out wrong: give both folders the same scheduler class", stacklevel=2)
 
 
 def control_arguments(args) -> list[tuple]:
@@ -408,7 +555,8 @@ def run_list_samplers(args) -> int:
 
 def run_sampling_command(args) -> int:
     """generate / img2img / inpaint / controlnet: `args.inputs(args)` reads the command's own inputs (images,
-    mask, ControlNets) before the model loads; every command is then one `Pipeline.generate` call."""
+    mask, ControlNets) before the model loads; every command is then one `Pipeline.generate` call (generate
+    --refiner: with denoising_end, then the refiner's `img2img` of its latents with denoising_start)."""
     import jax.numpy as jnp
 
     from sdjax.pipeline import check_image_size, load_pipeline, model_folder
@@ -420,35 +568,68 @@ def run_sampling_command(args) -> int:
     if args.prompt is None:
         raise SdjaxError("give a prompt, or --from-png with a PNG that carries one")
     check_sampling_names(args)
+    check_refiner_flags(args)
     join_processes(args)  # before the inputs: a ControlNet's params go to a device
     inputs = args.inputs(args)
     edit = inputs.get("edit")
     height, width = edit.image.shape[1:3] if edit is not None else (inputs["height"], inputs["width"])
     folder = model_folder(args.model)
+    refiner = getattr(args, "refiner", None)
+    if refiner is not None:  # both read from their folders, before either loads
+        try:
+            refiner_folder = model_folder(refiner)
+        except SdjaxError as err:
+            raise SdjaxError(f"--refiner: {err}") from None
+        handoff = [HandoffModel.from_folder(flag, name, path) if path.is_dir() else None
+                   for flag, name, path in (("--model", args.model or "(the embedded shapes model)", folder),
+                                            ("--refiner", refiner, refiner_folder))]
+        check_handoff(args, *handoff)
     if (height or width) and folder.is_dir():  # fail before the (slow) load; the model's default size needs no check
         factor = diffusers_folder.read_config(folder / "vae", "vae")[0].downscale_factor
         check_image_size(height or factor, width or factor, factor)
     if not args.no_compile_cache:
         compile_cache.enable(args.cache_dir)
 
+    load = functools.partial(load_pipeline, dtype=getattr(jnp, args.dtype), attention=args.attention,
+                             check_finite=True, mesh=generation_mesh(args))
     status(f"loading {args.model or 'the embedded shapes model'}")
-    pipeline = load_pipeline(folder, dtype=getattr(jnp, args.dtype), attention=args.attention, check_finite=True,
-                             config=args.config, prediction_type=args.prediction_type, mesh=generation_mesh(args))
+    pipeline = load(folder, config=args.config, prediction_type=args.prediction_type)
+    if refiner is not None and handoff[0] is None:  # a single file, known now
+        handoff[0] = HandoffModel.from_pipeline("--model", args.model, pipeline)
+        check_handoff(args, handoff[0], None)
     show_compile_status("" if args.no_compile_cache else " (slow the first time only: later runs read it from "
                                                          "the compilation cache)")
-    result = pipeline.generate(
-        args.prompt, args.negative_prompt, steps=args.steps, guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale, sampler=args.sampler, schedule=args.schedule, **seed_arguments(args),
-        clip_skip=args.clip_skip, batch_invariant=args.batch_invariant, prompt_syntax=args.prompt_syntax,
-        show_progress=sys.stderr.isatty() if args.progress is None else args.progress, **inputs)
-    hits = compile_cache.hits()
-    cached = f" ({hits} program(s) read from the persistent compilation cache)" if hits else ""
-    print(f"compiled in {result.compile_seconds:.1f} s{cached}, sampled and decoded in {result.seconds:.1f} s",
-          file=sys.stderr)
+    settings = dict(steps=args.steps, guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+                    sampler=args.sampler, schedule=args.schedule, clip_skip=args.clip_skip,
+                    batch_invariant=args.batch_invariant, prompt_syntax=args.prompt_syntax,
+                    show_progress=sys.stderr.isatty() if args.progress is None else args.progress)
+    cut = {} if refiner is None else {"denoising_end": args.high_noise_fraction}
+    result = pipeline.generate(args.prompt, args.negative_prompt, **settings, **seed_arguments(args), **inputs, **cut)
+    report_times(result, "the base model" if refiner is not None else "")
+    recorded = result.settings  # what the PNGs say: the settings of the run the command line describes
+    if refiner is not None:
+        del pipeline  # its device memory is free before the refiner loads
+        status(f"loading refiner {refiner}")
+        second = load(refiner_folder)
+        if handoff[1] is None:  # a single file, known now
+            handoff[1] = HandoffModel.from_pipeline("--refiner", refiner, second)
+            check_handoff(args, *handoff)
+        status(f"refining from {args.high_noise_fraction:g} of the schedule")
+        result = second.img2img(result, args.prompt, args.negative_prompt, denoising_start=args.high_noise_fraction,
+                                **settings, seeds=result.seeds)
+        report_times(result, "the refiner")
     from sdjax import distributed
     if distributed.is_primary():  # every process of a multi-process run holds the images; one writes them
-        write_images(args, result)
+        write_images(args, result, recorded)
     return 0
+
+
+def report_times(result, what: str) -> None:
+    hits = compile_cache.hits()
+    cached = f" ({hits} program(s) read from the persistent compilation cache)" if hits else ""
+    prefix = f"{what}: " if what else ""
+    print(f"{prefix}compiled in {result.compile_seconds:.1f} s{cached}, sampled and decoded in {result.seconds:.1f} s",
+          file=sys.stderr)
 
 
 def generation_mesh(args) -> str | None:
@@ -460,12 +641,13 @@ def generation_mesh(args) -> str | None:
     return f"data={jax.device_count()}"
 
 
-def png_parameters(args, result, seed: int, image) -> str:
+def png_parameters(args, settings: dict, seed: int, image) -> str:
     """A1111's parameters text for one image: the settings as asked (img2img's Steps is the full schedule, as
-    A1111 records it), with A1111's sampler and schedule names."""
+    A1111 records it; with --refiner, the base's sampler, and A1111's Refiner and Refiner switch at), with A1111's
+    sampler and schedule names. `settings`: the GenerationResult's."""
     from sdjax import a1111
 
-    settings = result.settings
+    refiner = getattr(args, "refiner", None)
     automatic = args.sampler is None and args.schedule is None  # the model's scheduler config chose
     return a1111.format_parameters(args.prompt, args.negative_prompt, {
         "Steps": args.steps, "Sampler": a1111.SAMPLER_NAMES.get(settings["sampler"], settings["sampler"]),
@@ -475,21 +657,25 @@ def png_parameters(args, result, seed: int, image) -> str:
         "Model": Path(args.model).name if args.model else "sdjax-shapes",
         "Denoising strength": getattr(args, "strength", None), "Clip skip": args.clip_skip,
         "Guidance rescale": args.guidance_rescale or None, "Prompt syntax": args.prompt_syntax,
-        "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None})
+        "ControlNet": ", ".join(Path(p).name for p in getattr(args, "controlnet", None) or []) or None,
+        "Refiner": Path(refiner).name if refiner else None,
+        "Refiner switch at": f"{args.high_noise_fraction:g}" if refiner else None})
 
 
-def write_images(args, result) -> None:
+def write_images(args, result, settings: dict | None = None) -> None:
+    """The images as PNGs carrying `settings` (default: the result's own)."""
     from sdjax import images as image_io
 
+    settings = result.settings if settings is None else settings
     paths = output_paths(args.out, result.seeds)
     for path, image, seed in zip(paths, result.images, result.seeds):
-        image_io.save_png(path, image, png_parameters(args, result, seed, image))
+        image_io.save_png(path, image, png_parameters(args, settings, seed, image))
         print(path)
     if args.grid:
         out = Path(args.out)
         grid_path = out.with_name(f"{out.stem}-grid.png") if out.suffix.lower() == ".png" else out / "grid.png"
-        image_io.save_png(grid_path, image_io.grid(result.images), png_parameters(args, result, result.seeds[0],
-                                                                                    result.images[0]))
+        image_io.save_png(grid_path, image_io.grid(result.images), png_parameters(args, settings, result.seeds[0],
+                                                                                      result.images[0]))
         print(grid_path)
 
 
