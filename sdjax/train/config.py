@@ -74,6 +74,11 @@ class DiffusionConfig:
                                             "pair with v_prediction)")
     caption_dropout: float = option(0.0, "probability of training on the empty prompt (for classifier-free "
                                          "guidance)")
+    timestep_sampling: str = option("uniform", "how training timesteps are drawn: uniform over the schedule, or "
+                                               "logit_normal (t / T = sigmoid of a normal draw, SD3's density, "
+                                               "Esser et al. 2024): most draws at mid noise")
+    logit_mean: float = option(0.0, "logit_normal: mean of the normal draw (negative: less noise)")
+    logit_std: float = option(1.0, "logit_normal: standard deviation of the normal draw")
     normalize_loss_mask: bool = option(False, "with data.loss_mask: each image's loss is its mask-weighted mean "
                                               "error, so an image counts the same whatever its mask's area (off: "
                                               "the weighted errors averaged over all pixels, kohya's rule, where a "
@@ -83,6 +88,8 @@ class DiffusionConfig:
         _check_choice("diffusion.prediction_type", self.prediction_type, ("", *PARAMETERIZATIONS))
         _check_positive("diffusion.min_snr_gamma", self.min_snr_gamma, allow_zero=True)
         _check_positive("diffusion.offset_noise", self.offset_noise, allow_zero=True)
+        _check_choice("diffusion.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
+        _check_positive("diffusion.logit_std", self.logit_std)
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"diffusion.caption_dropout = {self.caption_dropout!r} must lie in [0, 1]")
 

@@ -37,6 +37,15 @@ def sample_noise(key, shape, offset_noise: float):
     return jax.random.normal(noise_key, shape) + offset_noise * offset
 
 
+def sample_timesteps(key, count: int, timesteps: int, config: DiffusionConfig):
+    """`count` training timesteps in [0, timesteps): uniform, or logit-normal (t / T = sigmoid(N(logit_mean,
+    logit_std)), the density SD3 trains with), which puts most draws at mid noise and few at either end."""
+    if config.timestep_sampling == "logit_normal":
+        u = jax.nn.sigmoid(config.logit_mean + config.logit_std * jax.random.normal(key, (count,)))
+        return jnp.minimum((u * timesteps).astype(jnp.int32), timesteps - 1)
+    return jax.random.randint(key, (count,), 0, timesteps)
+
+
 def drop_captions(key, input_ids, empty_ids, probability: float):
     """Replace each row of token ids by the empty prompt's with `probability` (classifier-free guidance).
     `input_ids` (B, L) or {text encoder name: (B, L)} with `empty_ids` (L,) of the same structure: a dropped
@@ -121,7 +130,7 @@ def make_diffusion_loss(unet, encode: TextConditioning, *, alphas_cumprod, predi
         latent_key, time_key, noise_key, caption_key = jax.random.split(key, 4)
         posterior = DiagonalGaussian.from_moments(batch["moments"])
         x0 = scale_latents(posterior.sample(latent_key), vae_config)
-        t = jax.random.randint(time_key, (x0.shape[0],), 0, timesteps)
+        t = sample_timesteps(time_key, x0.shape[0], timesteps, config)
         noise = sample_noise(noise_key, x0.shape, config.offset_noise)
         ids = drop_captions(caption_key, batch["input_ids"], empty_ids, config.caption_dropout)
         loss = denoising_loss({**frozen, **params}, x0, t, noise, ids, batch.get("loss_mask"))

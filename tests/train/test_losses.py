@@ -1,8 +1,11 @@
 """Loss pieces, the optimizer schedule, EMA and gradient accumulation, on stand-in models (no compilation of
 real networks)."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from sdjax import schedules
 from sdjax.models.configs import VAEConfig
@@ -112,3 +115,16 @@ def test_text_encoder_learning_rate_sets_its_own_step_size():
     updates, _ = optimizer.update(gradients, optimizer.init(params), params)
     for name, peak in (("unet", 0.1), ("text_encoder", 0.01), ("text_encoder_2", 0.01)):
         np.testing.assert_allclose(updates[name]["w"], -peak * np.sign(gradients[name]["w"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (-1.0, 0.5)])
+def test_logit_normal_timesteps_follow_their_distribution(mean, std):
+    """P(t / T < q) = Phi((logit(q) - mean) / std), checked at three quantiles on 200k draws."""
+    config = DiffusionConfig(timestep_sampling="logit_normal", logit_mean=mean, logit_std=std)
+    t = np.asarray(losses.sample_timesteps(jax.random.key(0), 200_000, 1000, config))
+    assert t.min() >= 0 and t.max() <= 999 and t.dtype == np.int32
+    for q in (0.25, 0.5, 0.75):
+        expected = 0.5 * (1 + math.erf((math.log(q / (1 - q)) - mean) / (std * math.sqrt(2))))
+        assert abs(np.mean(t < q * 1000) - expected) < 0.005, (q, expected)
+    uniform = np.asarray(losses.sample_timesteps(jax.random.key(0), 200_000, 1000, DiffusionConfig()))
+    assert abs(np.mean(uniform < 250) - 0.25) < 0.005
