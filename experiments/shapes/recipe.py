@@ -22,6 +22,7 @@ output is complete, so rerunning the command after an interruption continues whe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -39,6 +40,8 @@ SMOKE = {"dataset": 32, "train": ["num_steps=2", "batch_size=4", "log_every=1", 
                                   # One learning-rate schedule for every stage: its numbers are constants of the
                                   # compiled step, so the unet and refine stages then share one program (cache).
                                   "optimizer.learning_rate=1e-4", "optimizer.warmup_steps=1"],
+         # ... and one loss for the three U-Net cycles (balance normalises it): they share one program.
+         "unet": ["diffusion.normalize_loss_mask=true"],
          # Smaller networks of the same kinds: the plumbing is the same and they compile in half the time.
          "model": {"unet": {"block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                             "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "norm_num_groups": 8},
@@ -173,52 +176,75 @@ def package(unet_export: Path, decoder_export: Path, out: Path, note: dict) -> P
     return _replace_dir(build, out)
 
 
+class StageClock:
+    """Seconds spent in each stage, summed over every invocation of the recipe (workdir/timing.json), so a run
+    that was interrupted and continued still reports what the whole re-creation cost."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds = json.loads(path.read_text()) if path.is_file() else {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.seconds, indent=2))
+
+    def total(self) -> float:
+        return sum(self.seconds.values())
+
+
 def run(workdir: Path, out: Path, *, smoke: bool = False, until: str = "package") -> Path:
     from sdjax.train.loop import git_revision
 
-    started = time.perf_counter()
     stages = STAGES[:STAGES.index(until) + 1]
     data_dir, init_dir, base_dir = workdir / "data", workdir / "init", workdir / "base"
+    clock = StageClock(workdir / "timing.json")
     overrides = SMOKE["train"] if smoke else []
     with_data = lambda folder: [f"model.pretrained={folder}", f"data.folder={data_dir}"] + overrides
 
     log.info("data: %s", data_dir)
     from experiments.shapes.dataset import write_dataset, write_loss_masks
-    write_loss_masks(write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED))
+    with clock.stage("data"):
+        write_loss_masks(write_dataset(data_dir, SMOKE["dataset"] if smoke else DATASET_SIZE, DATASET_SEED))
     if "init" in stages and not init_dir.is_dir():
         log.info("init: tokenizer and fresh weights in %s", init_dir)
-        _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED, SMOKE["model"] if smoke else None),
-                     init_dir)
+        with clock.stage("init"):
+            _replace_dir(lambda folder: write_init_folder(folder, data_dir, INIT_SEED,
+                                                          SMOKE["model"] if smoke else None), init_dir)
     if "vae" in stages:
         log.info("vae: training in %s", workdir / "vae")
-        vae_export = train_stage(HERE / "train_vae.py", workdir / "vae", with_data(init_dir))
+        with clock.stage("vae"):
+            vae_export = train_stage(HERE / "train_vae.py", workdir / "vae", with_data(init_dir))
     if "base" in stages and not base_dir.is_dir():
-        _replace_dir(lambda folder: write_base_folder(folder, vae_export, data_dir), base_dir)
+        with clock.stage("base"):
+            _replace_dir(lambda folder: write_base_folder(folder, vae_export, data_dir), base_dir)
     scale = _json(base_dir / "vae" / "config.json")["scaling_factor"] if base_dir.is_dir() else None
     log.info("base: %s (latent scaling_factor %s)", base_dir, scale)
     from experiments.shapes.evaluate import DEFAULT_GUIDANCE, Setting, adherence_evaluator
     size = SMOKE["evaluate"] if smoke else {"prompts": 64, "steps": 20}
     evaluator = adherence_evaluator(size["prompts"], Setting("dpmpp_2m", size["steps"], DEFAULT_GUIDANCE))
-    cached = [f"data.cache_dir={workdir / 'latent_cache'}"]
-    if "unet" in stages:
-        log.info("unet: training in %s", workdir / "unet")
-        unet_export = train_stage(HERE / "train_unet.py", workdir / "unet", with_data(base_dir) + cached,
-                                  evaluate=evaluator)
-    if "refine" in stages:
-        log.info("refine: training in %s", workdir / "refine")
-        unet_export = train_stage(HERE / "train_refine.py", workdir / "refine", with_data(unet_export) + cached,
-                                  evaluate=evaluator)
-    if "balance" in stages:
-        log.info("balance: training in %s", workdir / "balance")
-        unet_export = train_stage(HERE / "train_balance.py", workdir / "balance", with_data(unet_export) + cached,
-                                  evaluate=evaluator)
+    cached = [f"data.cache_dir={workdir / 'latent_cache'}"] + (SMOKE["unet"] if smoke else [])
+    unet_export = base_dir
+    for stage in ("unet", "refine", "balance"):  # three cosine cycles, each from the previous one's EMA weights
+        if stage in stages:
+            log.info("%s: training in %s", stage, workdir / stage)
+            with clock.stage(stage):
+                unet_export = train_stage(HERE / f"train_{stage}.py", workdir / stage,
+                                          with_data(unet_export) + cached, evaluate=evaluator)
     if "decoder" in stages:
         log.info("decoder: training in %s", workdir / "decoder")
-        decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))
+        with clock.stage("decoder"):
+            decoder_export = train_stage(HERE / "train_decoder.py", workdir / "decoder", with_data(base_dir))
     if "package" in stages:
-        package(unet_export, decoder_export, out, {"revision": git_revision(), "scale": scale,
-                                   "seconds": time.perf_counter() - started})
-        log.info("package: %s", out)
+        with clock.stage("package"):
+            package(unet_export, decoder_export, out, {"revision": git_revision(), "scale": scale,
+                                                       "seconds": clock.total()})
+        log.info("package: %s (%s)", out, ", ".join(f"{k} {v:.0f} s" for k, v in clock.seconds.items()))
     return out
 
 

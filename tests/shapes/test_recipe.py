@@ -59,6 +59,8 @@ def test_the_smoke_recipe_trains_every_stage_and_packages_a_model(tmp_path):
     second = recipe(workdir, out)  # everything is done: no stage trains again
     assert second.returncode == 0, second.stderr[-3000:]
     assert "vae: training" in second.stdout and "train 1/" not in second.stderr
+    seconds = json.loads((workdir / "timing.json").read_text())  # what the whole re-creation cost, by stage
+    assert set(seconds) == {"data", "init", "vae", "base", "unet", "refine", "balance", "decoder", "package"}
 
 
 def jax_leaves(tree):

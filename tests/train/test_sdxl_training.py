@@ -117,7 +117,7 @@ def test_full_fine_tuning_lowers_the_loss_and_exports_a_folder_that_generates(ba
     generates."""
     from tests.train.synthetic import write_synthetic_dataset
     folder = write_synthetic_dataset(tmp_path / "images", count=2)
-    steps, window = 40, 10
+    steps, window = 20, 5
     workdir = tmp_path / "run"
     result = run_training(overrides, workdir, f"data.folder={folder}", "data.random_flip=false",
                           f"num_steps={steps}", f"checkpoint_every={steps}", "optimizer.learning_rate=3e-3",
