@@ -68,3 +68,20 @@ def transformers_peft_gate():
         if Version(installed) < Version(transformers_peft.MIN_PEFT_VERSION):
             patch.setattr(transformers_peft, "MIN_PEFT_VERSION", installed)
         yield
+
+
+@pytest.fixture
+def loaded_once(monkeypatch):
+    """load_pipeline that keeps what it loaded ({(folder, options): Pipeline}), so that the library calls of a test
+    reuse the programs the command compiled for the same settings."""
+    from sdjax import pipeline as pipeline_module
+    loaded, load = {}, pipeline_module.load_pipeline
+
+    def load_once(folder, **kwargs):
+        key = (str(folder), repr(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = load(folder, **kwargs)
+        return loaded[key]
+
+    monkeypatch.setattr(pipeline_module, "load_pipeline", load_once)
+    return loaded

@@ -109,19 +109,9 @@ def test_second_run_reads_the_persistent_compilation_cache(sd1_folder, tmp_path)
     np.testing.assert_array_equal(images.load_image(tmp_path / "first.png"), images.load_image(tmp_path / "second.png"))
 
 
-def test_img2img_records_a1111_steps_strength_and_syntax_and_reruns_from_its_png(sd1_folder, tmp_path, monkeypatch):
+def test_img2img_records_a1111_steps_strength_and_syntax_and_reruns_from_its_png(sd1_folder, tmp_path, loaded_once):
     # The rerun gets the pipeline the first run loaded, so it reuses the program compiled for the first run's
     # settings only if the PNG gave it back the same settings (what this test is about).
-    from sdjax import pipeline as pipeline_module
-    loaded, load = {}, pipeline_module.load_pipeline
-
-    def load_once(folder, **kwargs):
-        key = (str(folder), repr(sorted(kwargs.items())))
-        if key not in loaded:
-            loaded[key] = load(folder, **kwargs)
-        return loaded[key]
-
-    monkeypatch.setattr(pipeline_module, "load_pipeline", load_once)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)).save(tmp_path / "start.png")
     common = ["--image", str(tmp_path / "start.png"), "--model", str(sd1_folder[0]), "--no-compile-cache"]
     assert cli.main(["img2img", "a (cat:1.3)", "--steps", "4", "--strength", "0.5", "--sampler", "dpmpp_2m",

@@ -20,23 +20,6 @@ def sdxl_folders(tmp_path_factory):
     return root / "base", root / "refiner"
 
 
-@pytest.fixture
-def loaded_once(monkeypatch):
-    """load_pipeline that keeps what it loaded ({(folder, options): Pipeline}), so that the library calls of a test
-    reuse the programs the command compiled for the same settings."""
-    from sdjax import pipeline as pipeline_module
-    loaded, load = {}, pipeline_module.load_pipeline
-
-    def load_once(folder, **kwargs):
-        key = (str(folder), repr(sorted(kwargs.items())))
-        if key not in loaded:
-            loaded[key] = load(folder, **kwargs)
-        return loaded[key]
-
-    monkeypatch.setattr(pipeline_module, "load_pipeline", load_once)
-    return loaded
-
-
 def test_generate_with_refiner_writes_the_images_of_base_then_refiner(sdxl_folders, loaded_once, tmp_path):
     base_folder, refiner_folder = sdxl_folders
     steps, fraction = 5, 0.6
