@@ -1,6 +1,6 @@
-"""A real multi-process run: 2 processes x 2 CPU devices, coordinated by jax.distributed over gloo, train the tiny
-experiment on one data=4 mesh, each reading only its share of the data; a second launch restores the checkpoint
-and finishes. The result must agree with one process training the same global batches on 4 devices. The same
+"""A real multi-process run: 2 processes x 2 CPU devices, coordinated by jax.distributed over gloo, resume a run of
+the tiny experiment that one device started, on one data=4 mesh, each reading only its share of the data, and
+finish it. The result must agree with one device training the same global batches uninterrupted. The same
 two processes generate a batch on a data=2,fsdp=2 mesh: the images of one device, written once."""
 import json
 import os
@@ -24,12 +24,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-SETTINGS = ["checkpoint_every=2", "batch_size=8"]
+SETTINGS = ["checkpoint_every=3", "batch_size=8"]
 
 
 def launch(tiny_overrides, workdir, cache, *extra, flags=()) -> list[subprocess.CompletedProcess]:
-    """`sdjax train --set EXTRA... FLAGS` in 2 processes with 2 CPU devices each, all waited for; the second
-    launch reads the first one's compiled programs from the cache."""
+    """`sdjax train --set EXTRA... FLAGS` in 2 processes with 2 CPU devices each, all waited for."""
     command = [sys.executable, "-m", "sdjax.train.cli", str(EXPERIMENT), "--workdir", str(workdir), "--mesh",
                "data=4", *flags, *[arg for item in [*tiny_overrides, *SETTINGS, *extra] for arg in ("--set", item)]]
     return run_two_processes(command, {"JAX_COMPILATION_CACHE_DIR": str(cache),
@@ -56,29 +55,32 @@ def exported_unet(workdir):
     return load_file(workdir / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_two_processes_train_and_resume_like_one(tiny_overrides, compilation_cache, tmp_path):
-    workdir = tmp_path / "multi"
-    launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=3")
-    assert (workdir / "checkpoints" / "2").is_dir()
-    # The second launch restores checkpoint 3 (written at the end) and trains on to step 6; the learning rate is
-    # constant after warm-up, so the longer budget changes nothing that was computed.
-    launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=6", flags=["--allow-changed-settings"])
-    # The reference: one device in this process, the same global batches (2 streams, as 2 processes read them);
-    # its programs are test_sharded.py's one-device ones, from the package's compilation cache.
+def test_two_processes_resume_a_one_device_run_and_train_like_one(tiny_overrides, compilation_cache, tmp_path):
+    """A run started on one device (in this process, its 2 data streams read by one process) is resumed by two
+    processes on a data=4 mesh: they restore its checkpoint sharded over their devices, each takes over one
+    stream, and they train on, save and export as one run. The losses and weights equal an uninterrupted
+    one-device run's."""
+    workdir, streams = tmp_path / "multi", "data.streams=2"
+    run_training(tiny_overrides, workdir, *SETTINGS, "num_steps=3", streams)
+    # The launch restores checkpoint 3 and trains on to step 6; the learning rate is constant after warm-up, so
+    # the longer budget changes nothing that was computed (and the one-device steps share one program).
+    launch(tiny_overrides, workdir, tmp_path / "cache", "num_steps=6", streams, flags=["--allow-changed-settings"])
     reference = tmp_path / "single"
-    run_training(tiny_overrides, reference, *SETTINGS, "num_steps=6", "data.streams=2")
+    run_training(tiny_overrides, reference, *SETTINGS, "num_steps=6", streams)
 
     losses = {name: [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
               for name, folder in (("multi", workdir), ("single", reference))}
-    assert len(losses["multi"]) == 6  # one writer: process 0
+    assert len(losses["multi"]) == 6  # 3 from this process, then 3 from one writer: process 0
     np.testing.assert_allclose(losses["multi"], losses["single"], rtol=1e-4)
     ours, theirs = exported_unet(workdir), exported_unet(reference)
     for key in theirs:
         error = np.linalg.norm(ours[key] - theirs[key]) / max(np.linalg.norm(theirs[key]), 1e-12)
         assert error < 1e-5, (key, error)
+    assert (workdir / "checkpoints" / "6").is_dir()  # saved by the two processes
     starts = [json.loads(line)["start_step"] for line in (workdir / "runs.jsonl").read_text().splitlines()]
     assert starts == [0, 3]
-    assert not (workdir / "config.step_3.json").read_text() == (workdir / "config.json").read_text()
+    assert not json.loads((workdir / "config.json").read_text())["mesh"]  # as the run began, on one device
+    assert json.loads((workdir / "config.step_3.json").read_text())["mesh"] == "data=4"
 
 
 def test_two_processes_generate_the_images_of_one_device(sd1_folder, tmp_path):
