@@ -78,5 +78,5 @@ def test_params_are_created_directly_sharded():
     kernel = params["up_blocks.1"]["resnets.0"]["conv1"]["kernel"]
     assert kernel.sharding == shardings["up_blocks.1"]["resnets.0"]["conv1"]["kernel"]
     assert {shard.data.shape for shard in kernel.addressable_shards} == {(3, 3, 24, 32)}  # (3, 3, 96, 32) split on its largest axis
-    reference = component.init(config, jax.random.key(0))
-    np.testing.assert_array_equal(np.asarray(kernel), np.asarray(reference["up_blocks.1"]["resnets.0"]["conv1"]["kernel"]))
+    # The same values as the component's own init (which compiles the initialisers at LLVM -O1, this jit at -O2).
+    jax.tree.map(np.testing.assert_array_equal, params, component.init(config, jax.random.key(0)))
