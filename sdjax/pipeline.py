@@ -594,8 +594,11 @@ class Pipeline:
     def _non_finite_error(result: "GenerationResult", finite, params) -> NonFiniteOutputError:
         """Which images came out NaN/inf, and which weights hold NaN/inf if any (the usual cause)."""
         broken = [i for i, ok in enumerate(finite) if not ok]
-        bad_weights = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(params)
-                       if not np.all(np.isfinite(np.asarray(leaf, np.float32)))]
+        # Checked where the weights are (sharded ones too, over several processes): only the flags reach the host.
+        all_finite = jax.jit(lambda tree: jax.tree.map(lambda leaf: jnp.isfinite(leaf).all(), tree))
+        finite_leaves = jax.device_get(all_finite(params))
+        bad_weights = [jax.tree_util.keystr(path) for path, ok in jax.tree_util.tree_leaves_with_path(finite_leaves)
+                       if not ok]
         cause = (f"these weights hold NaN or inf: {', '.join(bad_weights[:5])}"
                  f"{f' and {len(bad_weights) - 5} more' if len(bad_weights) > 5 else ''}; the checkpoint is damaged"
                  if bad_weights else "the weights are finite, so the computation overflowed (float16 overflows "
