@@ -17,20 +17,23 @@ def one_device(tiny_overrides, compilation_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_run_on_a_mesh_trains_the_params_of_one_device(one_device, tiny_overrides, tmp_path):
-    """Both axes at once: the batch split over data x fsdp, the large kernels over fsdp (pure data parallelism is
-    the multi-process test's mesh, tests/train/test_multiprocess.py)."""
-    sharded = run_training(tiny_overrides, tmp_path / "run", *SETTINGS, "mesh=data=2,fsdp=4")
+@pytest.mark.parametrize("mesh", ["data=8", "data=2,fsdp=4"])
+def test_a_run_on_a_mesh_trains_the_params_of_one_device(mesh, one_device, tiny_overrides, tmp_path):
+    """The batch split over every device; with fsdp, the large kernels split too."""
+    sharded = run_training(tiny_overrides, tmp_path / "run", *SETTINGS, f"mesh={mesh}")
     ours, theirs = jax.tree.leaves(sharded.state.params), jax.tree.leaves(one_device.state.params)
     assert len(ours) == len(theirs)
     for a, b in zip(ours, theirs):
         a, b = np.asarray(a), np.asarray(b)
         assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b) + 1e-7, np.abs(a - b).max()
     split = [any(axis == "fsdp" for axis in leaf.sharding.spec) for leaf in ours]
-    assert any(split) and not all(split)  # the large kernels are split over fsdp, the small arrays replicated
+    if "fsdp" in mesh:
+        assert any(split) and not all(split)  # the large kernels are split over fsdp, the small arrays replicated
+    else:
+        assert not any(split)
     # Every step returns the state sharded as it came in (else each new sharding compiles the step again).
     state = sharded.state.replace(frozen={})
-    rules = parallel.param_shardings(state, parallel.parse_mesh("data=2,fsdp=4"))
+    rules = parallel.param_shardings(state, parallel.parse_mesh(mesh))
     mismatched = [jax.tree_util.keystr(path) for path, same in jax.tree_util.tree_leaves_with_path(
         jax.tree.map(lambda leaf, rule: leaf.sharding.is_equivalent_to(rule, leaf.ndim), state, rules)) if not same]
     assert mismatched == []
