@@ -22,7 +22,8 @@ _spec = jax.ShapeDtypeStruct
 
 # Every param's initialiser is its own unrolled threefry program, and LLVM's -O2 spends most of the compile on
 # them. -O1 gives the same bits (the float ops are not reordered: checked against -O2 on SD 1.5's U-Net) and
-# compiles 1.3-3x faster (SD 1.5 U-Net 47 -> 38 s, the shapes VAE 17 -> 6 s), running no slower.
+# compiles faster: SD 1.5's U-Net 47 -> 38 s; small models from ~1.1x on a quiet machine to ~3x on a loaded one
+# (experiments/perf/init_compile.py and its results).
 _INIT_COMPILE_OPTIONS = {"xla_backend_optimization_level": "1"}
 
 
