@@ -18,6 +18,7 @@ from typing import Any
 from sdjax.errors import ConfigError, did_you_mean
 from sdjax.models.attention import DEFAULT as ATTENTION_DEFAULT, IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
 from sdjax.parameterization import PARAMETERIZATIONS
+from sdjax.schedules import BETA_SCHEDULES
 from sdjax.weights.diffusers_folder import read_json
 
 STAGES = ("unet", "vae")
@@ -70,6 +71,11 @@ class DiffusionConfig:
                                        "0 disables")
     offset_noise: float = option(0.0, "std of a per-channel constant added to the noise, so the model can change "
                                       "mean brightness (0.1 is common)")
+    beta_schedule: str = option("", "the noise schedule trained on and exported: linear, scaled_linear (SD's, "
+                                    "with beta_start 0.00085, beta_end 0.012) or squaredcos_cap_v2; '' keeps the "
+                                    "folder's")
+    beta_start: float = option(0.0, "with beta_schedule: the first beta; 0 keeps the folder's")
+    beta_end: float = option(0.0, "with beta_schedule: the last beta; 0 keeps the folder's")
     zero_terminal_snr: bool = option(False, "rescale betas so the last timestep is pure noise (Lin et al. 2023; "
                                             "pair with v_prediction)")
     caption_dropout: float = option(0.0, "probability of training on the empty prompt (for classifier-free "
@@ -88,6 +94,12 @@ class DiffusionConfig:
         _check_choice("diffusion.prediction_type", self.prediction_type, ("", *PARAMETERIZATIONS))
         _check_positive("diffusion.min_snr_gamma", self.min_snr_gamma, allow_zero=True)
         _check_positive("diffusion.offset_noise", self.offset_noise, allow_zero=True)
+        _check_choice("diffusion.beta_schedule", self.beta_schedule, ("", *BETA_SCHEDULES))
+        _check_positive("diffusion.beta_start", self.beta_start, allow_zero=True)
+        _check_positive("diffusion.beta_end", self.beta_end, allow_zero=True)
+        if self.beta_end and self.beta_start >= self.beta_end:
+            raise ConfigError(f"diffusion.beta_start = {self.beta_start!r} must be below diffusion.beta_end = "
+                              f"{self.beta_end!r}")
         _check_choice("diffusion.timestep_sampling", self.timestep_sampling, ("uniform", "logit_normal"))
         _check_positive("diffusion.logit_std", self.logit_std)
         if not 0.0 <= self.caption_dropout <= 1.0:

@@ -83,11 +83,16 @@ def component_config(name: str, choice: str, base_config):
 
 
 def training_scheduler_config(base: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """The base model's scheduler config with the run's prediction type and zero-terminal-SNR rescale, so the
-    exported folder samples the way the model was trained."""
+    """The base model's scheduler config with the run's prediction type, noise schedule and zero-terminal-SNR
+    rescale, so the exported folder samples the way the model was trained."""
     scheduler = dict(base)
     if config.diffusion.prediction_type:
         scheduler["prediction_type"] = config.diffusion.prediction_type
+    schedule = {"beta_schedule": config.diffusion.beta_schedule, "beta_start": config.diffusion.beta_start,
+                "beta_end": config.diffusion.beta_end}
+    if config.diffusion.beta_schedule:
+        scheduler.pop("trained_betas", None)  # an explicit beta table would override the chosen schedule
+    scheduler.update({key: value for key, value in schedule.items() if value})
     if config.diffusion.zero_terminal_snr:
         # Lin et al. 2023 also sample from the last timestep: "trailing" spacing.
         scheduler.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from sdjax import schedules
+from sdjax.errors import ConfigError
 from sdjax.models.configs import VAEConfig
 from sdjax.train import losses
 from sdjax.train.config import DiffusionConfig, OptimizerConfig, TrainConfig
@@ -69,6 +70,21 @@ def test_zero_terminal_snr_schedule_gives_a_finite_loss_at_the_last_timestep():
     loss, _ = stub_diffusion_loss(alphas_cumprod[-1:])({"unet": {"scale": 1.0}}, {"text_encoder": {}}, batch,
                                                        jax.random.key(0))
     assert float(loss) == 0.0
+
+
+def test_a_chosen_beta_schedule_replaces_the_folders_own_as_diffusers_computes_it():
+    from diffusers import DDPMScheduler
+    base = {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02, "trained_betas": [0.5] * 1000}
+    sd = DiffusionConfig(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    scheduler = training_scheduler_config(base, TrainConfig(diffusion=sd))
+    reference = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).alphas_cumprod
+    np.testing.assert_allclose(schedules.alphas_cumprod_from_config(scheduler), reference.numpy(), rtol=1e-6)
+    kept = training_scheduler_config(base, TrainConfig(diffusion=DiffusionConfig(beta_schedule="")))
+    assert kept == base  # '' keeps the folder's schedule, its beta table included
+    with pytest.raises(ConfigError, match="diffusion.beta_schedule"):
+        DiffusionConfig(beta_schedule="scaled-linear")
+    with pytest.raises(ConfigError, match="beta_start"):
+        DiffusionConfig(beta_start=0.02, beta_end=0.01)
 
 
 def test_learning_rate_schedules_and_ema_warmup():
