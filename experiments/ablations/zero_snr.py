@@ -5,15 +5,15 @@ fixes it. On the shapes model: how far black and white backgrounds come out from
 adherence, along training, 3 training seeds per arm.
 
     python -m experiments.ablate experiments/ablations/zero_snr.py
+    python -m experiments.ablations.zero_snr_cue          # the mechanism, on the runs' final weights
 
-Needs the shapes recipe's first stages (`python -m experiments.shapes.recipe --until base`). Two arms train the
+Needs the shapes recipe's first stages (`python -m experiments.shapes.recipe --until base`). Both arms train the
 shapes U-Net and text encoder from scratch on SD's own schedule (scaled_linear betas 0.00085-0.012: at its last
 timestep the latent keeps sqrt(alpha_bar) = 0.068 of its signal) with v-prediction for 1000 steps of batch 32,
 and sample with DDIM, 20 steps, guidance 3: the standard arm from SD's "leading" timesteps (the first is 950),
-the zero-terminal-SNR arm from "trailing" ones (the paper's recipe). A third arm trains on the shapes recipe's
-own linear betas 0.0001-0.02 (sampled from "leading" timesteps too), which keep 0.0064 at the last timestep:
-close to the rescaled end without rescaling. Brightness errors are in 0-255 levels of the background (the image
-border).
+the zero-terminal-SNR arm from "trailing" ones (the paper's recipe). `zero_snr_finetune.py` runs the same arms
+as fine-tunes of the embedded model, as the paper fine-tuned SD 2.1. Brightness errors are in 0-255 levels of the
+background (the image border).
 """
 import functools
 from pathlib import Path
@@ -26,10 +26,10 @@ from experiments.shapes.evaluate import Setting, adherence, generate
 from experiments.shapes.scenes import PALETTE
 
 SHAPES = Path("runs/shapes")
+SD_SCHEDULE = ("diffusion.beta_schedule=scaled_linear", "diffusion.beta_start=0.00085", "diffusion.beta_end=0.012")
 COMMON = ("batch_size=32", "num_steps=1000", "eval_every=250", "checkpoint_every=250", "log_every=50",
           "optimizer.warmup_steps=100", f"model.pretrained={SHAPES / 'base'}", f"data.folder={SHAPES / 'data'}",
-          f"data.cache_dir={SHAPES / 'latent_cache'}", "diffusion.prediction_type=v_prediction",
-          "diffusion.beta_schedule=scaled_linear", "diffusion.beta_start=0.00085", "diffusion.beta_end=0.012")
+          f"data.cache_dir={SHAPES / 'latent_cache'}", "diffusion.prediction_type=v_prediction", *SD_SCHEDULE)
 PROMPTS, BORDER = 96, 4
 
 
@@ -60,10 +60,14 @@ def evaluate(pipeline) -> dict[str, float]:
             "adherence": scores["all"], "background": scores["background"]}
 
 
-def get_study() -> Study:
+def schedule_study(name: str, common: tuple[str, ...], description: str) -> Study:
+    """The standard schedule against its zero-terminal-SNR rescale, both trained with the `common` overrides."""
     return Study(
-        name="zero_snr", seeds=(0, 1, 2), x="step",
-        arms={"standard": COMMON, "zero-snr": (*COMMON, "diffusion.zero_terminal_snr=true"),
-              "linear": tuple(item for item in COMMON if not item.startswith("diffusion.beta_"))},
+        name=name, seeds=(0, 1, 2), x="step",
+        arms={"standard": common, "zero-snr": (*common, "diffusion.zero_terminal_snr=true")},
         run=training_runs(Path(__file__).parents[1] / "shapes" / "train_unet.py", evaluate),
-        metrics=("black_error", "white_error", "adherence", "background"), description=__doc__.split("\n\n")[0])
+        metrics=("black_error", "white_error", "adherence", "background"), description=description)
+
+
+def get_study() -> Study:
+    return schedule_study("zero_snr", COMMON, __doc__.split("\n\n")[0])
