@@ -88,11 +88,12 @@ def training_scheduler_config(base: dict[str, Any], config: TrainConfig) -> dict
     scheduler = dict(base)
     if config.diffusion.prediction_type:
         scheduler["prediction_type"] = config.diffusion.prediction_type
-    schedule = {"beta_schedule": config.diffusion.beta_schedule, "beta_start": config.diffusion.beta_start,
-                "beta_end": config.diffusion.beta_end}
-    if config.diffusion.beta_schedule:
+    schedule = {key: value for key, value in (("beta_schedule", config.diffusion.beta_schedule),
+                                              ("beta_start", config.diffusion.beta_start),
+                                              ("beta_end", config.diffusion.beta_end)) if value}
+    if schedule:
         scheduler.pop("trained_betas", None)  # an explicit beta table would override the chosen schedule
-    scheduler.update({key: value for key, value in schedule.items() if value})
+    scheduler.update(schedule)
     if config.diffusion.zero_terminal_snr:
         # Lin et al. 2023 also sample from the last timestep: "trailing" spacing.
         scheduler.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")

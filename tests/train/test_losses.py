@@ -81,6 +81,8 @@ def test_a_chosen_beta_schedule_replaces_the_folders_own_as_diffusers_computes_i
     np.testing.assert_allclose(schedules.alphas_cumprod_from_config(scheduler), reference.numpy(), rtol=1e-6)
     kept = training_scheduler_config(base, TrainConfig(diffusion=DiffusionConfig(beta_schedule="")))
     assert kept == base  # '' keeps the folder's schedule, its beta table included
+    later_end = training_scheduler_config(base, TrainConfig(diffusion=DiffusionConfig(beta_end=0.03)))
+    assert "trained_betas" not in later_end and later_end["beta_end"] == 0.03  # the table would ignore beta_end
     with pytest.raises(ConfigError, match="diffusion.beta_schedule"):
         DiffusionConfig(beta_schedule="scaled-linear")
     with pytest.raises(ConfigError, match="beta_start"):

@@ -110,7 +110,8 @@ def test_every_loss_option_together_in_bfloat16(tiny_overrides, compilation_cach
         tiny_overrides, tmp_path / "options", "num_steps=4", "model.compute_dtype=bfloat16",
         "model.train_text_encoder=true", "diffusion.prediction_type=v_prediction", "diffusion.min_snr_gamma=5",
         "diffusion.offset_noise=0.1", "diffusion.zero_terminal_snr=true", "diffusion.caption_dropout=0.5",
-        "diffusion.beta_schedule=squaredcos_cap_v2", "optimizer.grad_accumulation=2", "optimizer.schedule=cosine", "optimizer.warmup_steps=1")
+        "diffusion.beta_schedule=squaredcos_cap_v2", "optimizer.grad_accumulation=2", "optimizer.schedule=cosine",
+        "optimizer.warmup_steps=1")
     assert all(np.isfinite(list(read_losses(tmp_path / "options").values())))
     assert {x.dtype for x in jax.tree.leaves(result.state.params)} == {np.dtype("float32")}
     exported = sdjax.load_pipeline(result.export_dir)
