@@ -47,7 +47,7 @@ def attention(q, k, v, *, mask=None, upcast: bool = False, implementation: str =
     if implementation == "pallas" and mask is None:
         return _pallas_attention(q, k, v, upcast)
     if implementation == "blocked":
-        return _blocked_attention(q, k, v, mask, upcast)
+        return _blocked_attention(q, k, v, mask)
     if implementation == "einsum":
         return _einsum_attention(q, k, v, mask, upcast)
     if implementation == "chunked":
@@ -95,19 +95,19 @@ def _chunked_attention(q, k, v, mask, upcast, chunk_size):
     return out.swapaxes(0, 1).reshape(q.shape)
 
 
-def _blocked_attention(q, k, v, mask, upcast):
+def _blocked_attention(q, k, v, mask):
     """Each (batch, head) pair in turn (`lax.map`), its queries in blocks of about BLOCK_SCORES scores; within a
     block exp(scores - max) is multiplied by the values first and divided by its row sums after, so the division
-    touches (block, head_dim) numbers rather than (block, kv_len). Scores, exp and sums are float32 whatever the
-    inputs (bfloat16 sums over thousands of keys would lose digits; so `upcast` only adds float32 q and k); the
-    value product runs in v's dtype with float32 accumulation."""
+    touches (block, head_dim) numbers rather than (block, kv_len). Both products accumulate in float32, and scores,
+    exp and sums are float32 whatever the inputs (bfloat16 sums over thousands of keys would lose digits). That is
+    already what `upcast` asks for: a product of two bfloat16 (or float16) numbers is exact in float32, so
+    upcasting q and k first would give the same scores, and XLA:CPU would compute them without the CPU's bfloat16
+    units. The value product runs in v's dtype."""
     batch, q_len, heads, head_dim = q.shape
     kv_len = k.shape[1]
     block = min(q_len, max(1, BLOCK_SCORES // kv_len))
     blocks = -(-q_len // block)
     padding = blocks * block - q_len  # padded queries attend like any other; their rows are dropped at the end
-    if upcast:
-        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     scale = head_dim ** -0.5
 
     def per_pair(x, length):  # (batch, length, heads, dim) -> (batch * heads, length, dim)
@@ -122,7 +122,9 @@ def _blocked_attention(q, k, v, mask, upcast):
         inputs += (mask.reshape(batch * heads, blocks, block, kv_len),)
 
     def attend(query, keys, values, allowed=None):
-        scores = jnp.matmul(query * jnp.asarray(scale, query.dtype), keys.T, preferred_element_type=jnp.float32)
+        # contracting both operands' last axes, not matmul(query, keys.T): XLA:CPU computes a dot of a
+        # transposed bfloat16 operand in float32, this one on the CPU's bfloat16 units
+        scores = jnp.einsum("qd,kd->qk", query, keys, preferred_element_type=jnp.float32) * scale
         if allowed is not None:
             scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
         weights = jnp.exp(scores - scores.max(axis=-1, keepdims=True))

@@ -23,6 +23,7 @@ from flax import struct
 from sdjax.errors import InvalidArgumentError
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION, attention
 from sdjax.models.configs import CLIPTextConfig
+from sdjax.models.layers import make_dense
 
 # transformers' CLIP configs of that era stored eos_token_id = 2 and pooled at the largest id instead (the
 # end-of-text token has the largest id in CLIP's vocab); transformers keeps that rule for those configs.
@@ -122,12 +123,12 @@ class CLIPAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask):
         cfg = self.config
-        dense = functools.partial(nn.Dense, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         heads_shape = (*x.shape[:-1], cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads)
-        q, k, v = (dense(name=name)(x).reshape(heads_shape) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (make_dense(self, cfg.hidden_size, name)(x).reshape(heads_shape)
+                   for name in ("q_proj", "k_proj", "v_proj"))
         # Scores and softmax in float32, as transformers' eager path does: fp16 logits can overflow.
         out = attention(q, k, v, mask=mask, upcast=True, implementation=self.attention_implementation)
-        return dense(name="out_proj")(out.reshape(x.shape))
+        return make_dense(self, cfg.hidden_size, "out_proj")(out.reshape(x.shape))
 
 
 class CLIPMLP(nn.Module):
@@ -138,9 +139,8 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        x = nn.Dense(cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1")(x)
-        x = ACTIVATIONS[cfg.hidden_act](x)
-        return nn.Dense(cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2")(x)
+        x = ACTIVATIONS[cfg.hidden_act](make_dense(self, cfg.intermediate_size, "fc1")(x))
+        return make_dense(self, cfg.hidden_size, "fc2")(x)
 
 
 def _layer_norm(config: CLIPTextConfig, dtype, param_dtype, name: str) -> nn.LayerNorm:
@@ -238,6 +238,5 @@ class CLIPTextModelWithProjection(CLIPTextModel):
                  output_hidden_states: bool = False) -> CLIPTextOutput:
         out = super().__call__(input_ids, attention_mask, clip_skip=clip_skip,
                                output_hidden_states=output_hidden_states)
-        projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype,
-                              param_dtype=self.param_dtype, name="text_projection")
+        projection = make_dense(self, self.config.projection_dim, "text_projection", use_bias=False)
         return out.replace(text_embeds=projection(out.pooler_output))

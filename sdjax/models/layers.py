@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.errors import InvalidArgumentError
+from sdjax.models import products
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION, attention
 
 Dtype = Any
@@ -24,14 +25,16 @@ Dtype = Any
 # --- parameterised primitives: `m` is the calling module, whose dtype/param_dtype they inherit --------------
 
 def make_dense(m: nn.Module, features: int, name: str, use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=m.dtype, param_dtype=m.param_dtype, name=name)
+    return nn.Dense(features, use_bias=use_bias, dtype=m.dtype, param_dtype=m.param_dtype,
+                    dot_general=products.dot_general, name=name)
 
 
 def make_conv(m: nn.Module, features: int, kernel: int, name: str, *, stride: int = 1, padding=None) -> nn.Conv:
     if padding is None:
         padding = ((kernel // 2, kernel // 2),) * 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding,
-                   dtype=m.dtype, param_dtype=m.param_dtype, name=name)
+                   dtype=m.dtype, param_dtype=m.param_dtype, conv_general_dilated=products.conv_general_dilated,
+                   name=name)
 
 
 def make_group_norm(m: nn.Module, groups: int, eps: float, name: str) -> "GroupNorm":

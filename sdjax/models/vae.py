@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.errors import ConfigError
+from sdjax.models import products
 from sdjax.models.attention import DEFAULT as DEFAULT_ATTENTION
 from sdjax.models.configs import VAEConfig
 from sdjax.models.layers import DownBlock2D, MidBlock2D, UpBlock2D, make_conv, make_group_norm
@@ -136,7 +137,8 @@ class AutoencoderKL(nn.Module):
         latent = self.config.latent_channels
         self.encoder = Encoder(self.config, **kwargs)
         self.decoder = Decoder(self.config, **kwargs)
-        conv = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype)
+        conv = dict(kernel_size=(1, 1), dtype=self.dtype, param_dtype=self.param_dtype,
+                    conv_general_dilated=products.conv_general_dilated)
         self.quant_conv = nn.Conv(2 * latent, **conv) if self.config.use_quant_conv else None
         self.post_quant_conv = nn.Conv(latent, **conv) if self.config.use_post_quant_conv else None
 

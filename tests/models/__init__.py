@@ -49,3 +49,17 @@ def errors(actual, expected) -> tuple[float, float]:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     diff = actual - expected
     return float(np.linalg.norm(diff) / np.linalg.norm(expected)), float(np.abs(diff).max())
+
+
+def optimised_hlo(fn, *args) -> str:
+    import jax
+
+    return jax.jit(fn).lower(*args).compile().as_text()
+
+
+def bfloat16_dots(hlo: str) -> int:
+    """How many dots of an optimised program take bfloat16 operands (XLA:CPU runs those on bfloat16 units; the
+    operands of other bfloat16 dots it converts to float32)."""
+    from experiments.perf.kernels import product_operand_types
+
+    return sum(all(t == "bf16" for t in types) for types in product_operand_types(hlo, "dot"))

@@ -9,6 +9,7 @@ import torch
 
 from sdjax.models import attention as attention_module
 from sdjax.models.attention import attention
+from tests.models import bfloat16_dots, optimised_hlo
 
 
 def _inputs(q_len, kv_len, seed=0, batch=2, heads=3, head_dim=8):
@@ -90,6 +91,16 @@ def test_bfloat16_inputs_stay_close_to_float32(small_blocks, upcast):
     reference = _torch_attention(*(np.asarray(x, np.float32) for x in low))  # the same rounded inputs, in float32
     rel, max_abs = _errors(out, reference)
     assert rel < 8e-3, (rel, max_abs)  # bfloat16 keeps 8 bits: ~4e-3 relative per rounding; seen 2.6e-3
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks what XLA:CPU is handed")
+@pytest.mark.parametrize("upcast", [False, True])
+def test_bfloat16_blocked_attention_runs_its_products_in_bfloat16(upcast):
+    """Both products (scores and the value product) are bfloat16 dots accumulating in float32, the form XLA:CPU
+    runs on bfloat16 units, with or without `upcast` (bfloat16 products are exact in float32)."""
+    low = [jnp.asarray(x, jnp.bfloat16) for x in _inputs(64, 64)]
+    hlo = optimised_hlo(lambda *a: attention(*a, implementation="blocked", upcast=upcast), *low)
+    assert bfloat16_dots(hlo) == 2
 
 
 @pytest.mark.parametrize("q_len, kv_len, blocked", [(64, 64, True), (64, 32, False), (4096, 1, True)])
