@@ -4,9 +4,10 @@
 `Conv(conv_general_dilated=...)`. In float32 they are exactly lax's. In bfloat16 they ask for a float32 result
 and round it once: what torch and cuDNN do, and on XLA:CPU the difference between using the CPU's bfloat16 units
 or not. XLA:CPU (jaxlib 0.10.2) hands a bfloat16 x bfloat16 -> float32 dot to YNNPACK, which runs it on
-AVX512-BF16 / AMX (2048^3: ~3.4x the float32 dot on a 2-core Sapphire Rapids Xeon), while a dot with a bfloat16
-result, and any bfloat16 convolution, it converts to float32 first. So on CPU a bfloat16 convolution is computed
-as matmuls (`conv_as_matmuls`).
+AVX512-BF16 / AMX (2048^3: 3.3x the float32 dot's GFLOP/s on a 2-core AMX Xeon, measured beside a training
+run), while a dot with a bfloat16 result, and any bfloat16 convolution, it converts to float32 first. So on CPU a
+bfloat16 convolution is computed as matmuls (`conv_as_matmuls`). The SD 1.5 U-Net call in bfloat16 went from
+1.04x to 0.48x its float32 time on that Xeon (experiments/perf/results/unet_sd15_dtypes_xeon.md).
 """
 from __future__ import annotations
 
